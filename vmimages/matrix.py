@@ -1,0 +1,143 @@
+"""The declarative kernel/rootfs matrix (vmimages/matrix.toml)."""
+
+from __future__ import annotations
+
+import functools
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .apt import SuiteSources
+
+MATRIX_FILE = Path(__file__).with_name("matrix.toml")
+DEFAULT_TARGET = "debian-6.1"
+ROOTFS_NAMES = ("bookworm", "trixie")
+
+
+class MatrixError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    suite: str
+    kernel_release: str                 # as `uname -r` prints it
+    kernel_packages: tuple[str, ...]    # "name=version" debs holding vmlinuz + modules
+    headers_packages: tuple[str, ...]   # "name=version" installed in the build chroot
+    build_packages: tuple[str, ...]     # make, gcc-N, libc6-dev, ...
+    sources: SuiteSources               # apt suites of `suite`
+
+    @property
+    def headers_dir(self) -> str:
+        return f"/usr/src/linux-headers-{self.kernel_release}"
+
+
+@dataclass(frozen=True)
+class Rootfs:
+    name: str
+    suite: str
+    packages: tuple[str, ...]
+    sources: SuiteSources
+
+
+@dataclass(frozen=True)
+class Matrix:
+    default_target: str
+    mirror: str
+    security_mirror: str
+    suites: dict[str, SuiteSources]
+    targets: dict[str, Target]
+    rootfs: dict[str, Rootfs]
+
+
+def _strs(table: dict[str, Any], key: str, where: str, default: list[str] | None = None) -> tuple[str, ...]:
+    val = table.get(key, default)
+    if not isinstance(val, list) or not all(isinstance(v, str) for v in val):
+        raise MatrixError(f"{where}: {key} must be a list of strings")
+    return tuple(val)
+
+
+def _str(table: dict[str, Any], key: str, where: str) -> str:
+    val = table.get(key)
+    if not isinstance(val, str) or not val:
+        raise MatrixError(f"{where}: {key} must be a non-empty string")
+    return val
+
+
+def parse(text: str) -> Matrix:
+    data = tomllib.loads(text)
+    mirror = data.get("mirror", "http://deb.debian.org/debian")
+    security = data.get("security_mirror", "http://deb.debian.org/debian-security")
+    suites: dict[str, SuiteSources] = {}
+    for name, t in data.get("suites", {}).items():
+        suites[name] = SuiteSources(
+            name=name,
+            apt_suites=_strs(t, "apt_suites", f"suites.{name}", [name]),
+            mirror=t.get("mirror", mirror),
+            security_mirror=t.get("security_mirror", security),
+            check_valid_until=bool(t.get("check_valid_until", True)),
+        )
+
+    def sources(suite: str, where: str) -> SuiteSources:
+        if suite not in suites:
+            suites[suite] = SuiteSources(suite, (suite,), mirror, security)
+        return suites[suite]
+
+    guest = _strs(data, "guest_packages", "matrix", [])
+    rootfs: dict[str, Rootfs] = {}
+    for name, t in data.get("rootfs", {}).items():
+        suite = t.get("suite", name)
+        rootfs[name] = Rootfs(name, suite, guest + _strs(t, "extra_packages", f"rootfs.{name}", []),
+                              sources(suite, f"rootfs.{name}"))
+    targets: dict[str, Target] = {}
+    for name, t in data.get("targets", {}).items():
+        where = f"targets.{name}"
+        suite = _str(t, "suite", where)
+        rel = _str(t, "kernel_release", where)
+        target = Target(
+            name=name,
+            suite=suite,
+            kernel_release=rel,
+            kernel_packages=_strs(t, "kernel_packages", where, []),
+            headers_packages=_strs(t, "headers_packages", where, []),
+            build_packages=_strs(t, "build_packages", where, ["make", "gcc", "libc6-dev"]),
+            sources=sources(suite, where),
+        )
+        for pin in target.kernel_packages + target.headers_packages:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*=[A-Za-z0-9.+~:-]+", pin):
+                raise MatrixError(f"{where}: package pin {pin!r} is not name=version")
+        targets[name] = target
+    default = data.get("default_target", DEFAULT_TARGET)
+    if targets and default not in targets:
+        raise MatrixError(f"default_target {default!r} is not a target")
+    return Matrix(default, mirror, security, suites, targets, rootfs)
+
+
+@functools.cache
+def load(path: Path = MATRIX_FILE) -> Matrix:
+    return parse(path.read_text())
+
+
+def targets() -> dict[str, Target]:
+    return dict(load().targets)
+
+
+def rootfs_list() -> dict[str, Rootfs]:
+    return dict(load().rootfs)
+
+
+def get_target(name: str) -> Target:
+    all_targets = load().targets
+    if name not in all_targets:
+        raise MatrixError(f"unknown target {name!r}; known: {', '.join(all_targets)}")
+    return all_targets[name]
+
+
+def get_rootfs(name: str) -> Rootfs:
+    all_rootfs = load().rootfs
+    if name not in all_rootfs:
+        raise MatrixError(f"unknown rootfs {name!r}; known: {', '.join(all_rootfs)}")
+    return all_rootfs[name]
