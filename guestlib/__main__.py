@@ -1,0 +1,245 @@
+"""``python3 -m guestlib <command> ...``: the guest side of the oracles, printing one JSON object.
+
+Exit status: 0 when the command succeeded and its check (if any) passed, 1 when a check failed,
+2 for a usage error or an unusable input (missing file, ...), with ``{"ok": false, "error": ...}``.
+
+Commands:
+  hash DEV OUT [--start B] [--count N] [--direct]   per-block digests of DEV into OUT
+  sha256 DEV [--direct]                             whole-device sha256
+  diff A B                                          compare two digest files (first difference)
+  stability A B                                     oracle (a) on two digest files
+  signed-write DEV --seed S --ops N --blocks N --state OUT [--first B] [--max-run R] [--direct]
+               [--sync] [--continue]                signed raw-device writes; state saved to OUT
+  signed-check PATH --state STATE                   classify every block the state expects
+  signed-files DIR --seed S --ops N --state OUT [--files F] [--max-file-blocks B] [--direct]
+  signed-check-files DIR --state STATE
+  churn DIR --seed S --ops N --manifest OUT [--max-bytes B] [--unsynced-ops K]
+  check-manifest DIR MANIFEST [--ignore-deleted] [--fsck DEV --fstype T]
+  change-list HASH_N HASH_N1 COW                    oracle (c)
+  update-img SNAPSHOT COW IMAGE [--sha256 HEX]      oracle (c), update-img part
+  cow-structure COW SNAPSHOT [--sectors N] [--written FILE] [--exact] [--seqid N] [--uuid HEX]
+  fsck DEV --fstype T
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from guestlib import blockhash, churn, oracles, signed
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_ERROR = 2
+
+
+def _emit(data: dict[str, Any]) -> int:
+    print(json.dumps(data, sort_keys=True))
+    return EXIT_OK if data.get("ok", True) else EXIT_CHECK_FAILED
+
+
+def _cmd_hash(a: argparse.Namespace) -> int:
+    digests = blockhash.hash_blocks(a.dev, a.start, a.count, direct=a.direct)
+    blockhash.save_digests(digests, a.out)
+    return _emit({"ok": True, "blocks": blockhash.block_count(digests), "out": a.out})
+
+
+def _cmd_sha256(a: argparse.Namespace) -> int:
+    return _emit({"ok": True, "sha256": blockhash.sha256_device(a.dev, direct=a.direct)})
+
+
+def _cmd_diff(a: argparse.Namespace) -> int:
+    x, y = blockhash.load_digests(a.a), blockhash.load_digests(a.b)
+    diffs = blockhash.differing_blocks(x, y)
+    return _emit(
+        {
+            "ok": True,
+            "equal": not diffs,
+            "first_difference": diffs[0] if diffs else None,
+            "differing": len(diffs),
+            "blocks": diffs[:1000],
+        }
+    )
+
+
+def _cmd_stability(a: argparse.Namespace) -> int:
+    result = oracles.snapshot_stability(blockhash.load_digests(a.a), blockhash.load_digests(a.b))
+    return _emit(result.to_json())
+
+
+def _cmd_signed_write(a: argparse.Namespace) -> int:
+    state = signed.SignedState.load(a.state) if a.cont else None
+    state = signed.random_writes(
+        a.dev,
+        a.seed,
+        a.ops,
+        first_block=a.first,
+        nblocks=a.blocks,
+        max_run=a.max_run,
+        direct=a.direct,
+        sync=a.sync,
+        state=state,
+    )
+    state.save(a.state)
+    return _emit(
+        {"ok": True, "run_id": state.run_id, "blocks": len(state.expected), "next_seq": state.next_seq}
+    )
+
+
+def _cmd_signed_check(a: argparse.Namespace) -> int:
+    return _emit(signed.check(a.path, signed.SignedState.load(a.state)).to_json())
+
+
+def _cmd_signed_files(a: argparse.Namespace) -> int:
+    state = signed.random_file_writes(
+        a.dir, a.seed, a.ops, files=a.files, max_file_blocks=a.max_file_blocks, direct=a.direct
+    )
+    state.save(a.state)
+    return _emit({"ok": True, "run_id": state.run_id, "files": sorted(state.files)})
+
+
+def _cmd_signed_check_files(a: argparse.Namespace) -> int:
+    return _emit(signed.check_files(a.dir, signed.SignedFilesState.load(a.state)).to_json())
+
+
+def _cmd_churn(a: argparse.Namespace) -> int:
+    result = churn.churn(a.dir, a.seed, a.ops, max_bytes=a.max_bytes, unsynced_ops=a.unsynced_ops)
+    result.save(a.manifest)
+    live = sum(1 for v in result.manifest.values() if v is not None)
+    return _emit(
+        {
+            "ok": True,
+            "files": live,
+            "deleted": len(result.manifest) - live,
+            "ops": len(result.log),
+            "bytes_written": result.bytes_written,
+            "volatile": result.volatile,
+        }
+    )
+
+
+def _cmd_check_manifest(a: argparse.Namespace) -> int:
+    manifest, volatile = churn.load_manifest(a.manifest)
+    result = oracles.nothing_lost(a.dir, manifest, volatile=volatile, check_deleted=not a.ignore_deleted)
+    if result.ok and a.fsck:
+        result = oracles.fsck(a.fsck, a.fstype)
+    return _emit(result.to_json())
+
+
+def _cmd_change_list(a: argparse.Namespace) -> int:
+    result = oracles.change_list_complete(
+        blockhash.load_digests(a.hash_n), blockhash.load_digests(a.hash_n1), a.cow
+    )
+    return _emit(result.to_json())
+
+
+def _cmd_update_img(a: argparse.Namespace) -> int:
+    return _emit(oracles.update_img_matches(a.snapshot, a.cow, a.image, expected_sha256=a.sha256).to_json())
+
+
+def _cmd_cow_structure(a: argparse.Namespace) -> int:
+    written = None
+    if a.written:
+        with open(a.written, encoding="utf-8") as handle:
+            loaded = json.load(handle)
+        # Either a list of blocks or a signed-write state file.
+        written = [int(b) for b in (loaded["expected"] if isinstance(loaded, dict) else loaded)]
+    result = oracles.cow_structure(
+        a.cow,
+        a.snapshot,
+        device_sectors=a.sectors,
+        written=written,
+        exact_written=a.exact,
+        expected_seqid=a.seqid,
+        expected_uuid=bytes.fromhex(a.uuid) if a.uuid else None,
+    )
+    return _emit(result.to_json())
+
+
+def _cmd_fsck(a: argparse.Namespace) -> int:
+    return _emit(oracles.fsck(a.dev, a.fstype).to_json())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python3 -m guestlib", description="guest-side oracle helpers")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], *positionals: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name)
+        for pos in positionals:
+            p.add_argument(pos)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("hash", _cmd_hash, "dev", "out")
+    p.add_argument("--start", type=int, default=0)
+    p.add_argument("--count", type=int, default=None)
+    p.add_argument("--direct", action="store_true")
+    add("sha256", _cmd_sha256, "dev").add_argument("--direct", action="store_true")
+    add("diff", _cmd_diff, "a", "b")
+    add("stability", _cmd_stability, "a", "b")
+
+    p = add("signed-write", _cmd_signed_write, "dev")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--ops", type=int, required=True)
+    p.add_argument("--blocks", type=int, required=True, help="size of the written area in blocks")
+    p.add_argument("--first", type=int, default=0)
+    p.add_argument("--max-run", type=int, default=16)
+    p.add_argument("--state", required=True)
+    p.add_argument("--direct", action="store_true")
+    p.add_argument("--sync", action="store_true")
+    p.add_argument("--continue", dest="cont", action="store_true", help="extend the saved state")
+    add("signed-check", _cmd_signed_check, "path").add_argument("--state", required=True)
+
+    p = add("signed-files", _cmd_signed_files, "dir")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--ops", type=int, required=True)
+    p.add_argument("--files", type=int, default=4)
+    p.add_argument("--max-file-blocks", type=int, default=64)
+    p.add_argument("--state", required=True)
+    p.add_argument("--direct", action="store_true")
+    add("signed-check-files", _cmd_signed_check_files, "dir").add_argument("--state", required=True)
+
+    p = add("churn", _cmd_churn, "dir")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--ops", type=int, required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--max-bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument("--unsynced-ops", type=int, default=0)
+
+    p = add("check-manifest", _cmd_check_manifest, "dir", "manifest")
+    p.add_argument("--ignore-deleted", action="store_true")
+    p.add_argument("--fsck", metavar="DEV")
+    p.add_argument("--fstype", default="ext4")
+
+    add("change-list", _cmd_change_list, "hash_n", "hash_n1", "cow")
+    add("update-img", _cmd_update_img, "snapshot", "cow", "image").add_argument("--sha256")
+
+    p = add("cow-structure", _cmd_cow_structure, "cow", "snapshot")
+    p.add_argument("--sectors", type=int)
+    p.add_argument("--written", help="JSON list of written blocks, or a signed-write state file")
+    p.add_argument("--exact", action="store_true")
+    p.add_argument("--seqid", type=int)
+    p.add_argument("--uuid")
+    add("fsck", _cmd_fsck, "dev").add_argument("--fstype", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_OK if exc.code == 0 else EXIT_ERROR
+    fn: Callable[[argparse.Namespace], int] = args.fn
+    try:
+        return fn(args)
+    except (OSError, ValueError, KeyError, churn.ChurnError) as exc:
+        print(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}))
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""Oracles that decide whether a backup taken with the driver is exactly right.
+
+Each oracle is a function returning an :class:`OracleResult` (``.ok``, ``.message``, and for block
+oracles ``.first_block``, the first block that is wrong). They never raise on a wrong answer: only
+on unusable input (a missing file, mismatched hash arrays lengths are reported, not raised).
+
+(a) :func:`snapshot_stability`    two hash arrays of one snapshot device taken at different times
+(b) :func:`point_in_time`         files read from a mounted snapshot vs the manifest fsynced before setup;
+    :func:`fsck`                  ``e2fsck -fn`` / ``xfs_repair -n`` of the snapshot device
+(c) :func:`change_list_complete`  every block differing between snapshots N and N+1 is marked in COW N;
+    :func:`update_img_matches`    image N + update-img == snapshot N+1
+(d) :func:`cow_structure`         a finalized COW file's data blocks, counters and identity
+(e) :func:`nothing_lost`          every fsynced file survived a fault
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from guestlib import blockhash, churn
+from guestlib.blockhash import BLOCK_SIZE
+from pydbd import cow as cowfmt
+from pydbd import updateimg
+
+# Runs a command and returns (exit status, combined output); injectable for tests.
+Runner = Callable[[Sequence[str]], tuple[int, str]]
+
+
+@dataclass
+class OracleResult:
+    name: str
+    ok: bool
+    message: str
+    first_block: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "oracle": self.name,
+            "ok": self.ok,
+            "message": self.message,
+            "first_block": self.first_block,
+            "details": self.details,
+        }
+
+
+def _digest_hex(digests: bytes, block: int) -> str:
+    d = blockhash.digest_at(digests, block)
+    return d.hex() if d else "(absent)"
+
+
+# --------------------------------------------------------------------------------------------------
+# (a) snapshot stability
+
+
+def snapshot_stability(earlier: bytes, later: bytes) -> OracleResult:
+    """The snapshot device must read the same at both times: every block digest equal."""
+    first = blockhash.first_difference(earlier, later)
+    nb = blockhash.block_count(earlier)
+    if first is None:
+        return OracleResult("snapshot-stability", True, f"all {nb} blocks unchanged")
+    total = sum(1 for _ in blockhash.iter_differing_blocks(earlier, later))
+    if blockhash.block_count(later) != nb:
+        why = f"snapshot size changed from {nb} to {blockhash.block_count(later)} blocks"
+    else:
+        why = (
+            f"block {first} changed between the two reads "
+            f"(digest {_digest_hex(earlier, first)} then {_digest_hex(later, first)})"
+        )
+    return OracleResult(
+        "snapshot-stability",
+        False,
+        f"{why}; {total} blocks differ in all",
+        first_block=first,
+        details={"differing": total},
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# (b) point-in-time truth and (e) nothing lost
+
+
+def _tree_failure(name: str, what: str, problems: list[str]) -> OracleResult | None:
+    if not problems:
+        return None
+    return OracleResult(
+        name, False, f"{what}: {problems[0]} ({len(problems)} problems)", details={"problems": problems[:50]}
+    )
+
+
+def point_in_time(
+    snapshot_root: str | os.PathLike[str],
+    manifest: Mapping[str, str | None],
+    *,
+    fsck_device: str | None = None,
+    fstype: str | None = None,
+    runner: Runner | None = None,
+) -> OracleResult:
+    """Files read from the mounted snapshot equal the manifest fsynced before setup (deleted ones absent).
+
+    With ``fsck_device`` (and ``fstype`` ext2/3/4 or xfs) the device is also checked read-only.
+    """
+    failed = _tree_failure(
+        "point-in-time", "snapshot is not the state at setup", churn.compare_tree(snapshot_root, manifest)
+    )
+    if failed is not None:
+        return failed
+    live = sum(1 for v in manifest.values() if v is not None)
+    message = f"all {live} files as fsynced before setup, {len(manifest) - live} deleted names absent"
+    if fsck_device is not None:
+        checked = fsck(fsck_device, fstype or "ext4", runner=runner)
+        if not checked.ok:
+            return OracleResult(
+                "point-in-time", False, f"{message}, but {checked.message}", details=checked.details
+            )
+        message += f"; {checked.message}"
+    return OracleResult("point-in-time", True, message)
+
+
+def nothing_lost(
+    root: str | os.PathLike[str],
+    manifest: Mapping[str, str | None],
+    *,
+    volatile: Collection[str] = (),
+    check_deleted: bool = True,
+) -> OracleResult:
+    """After a fault every fsynced file is present with its content (paths in ``volatile`` skipped)."""
+    problems = churn.compare_tree(root, manifest, skip=frozenset(volatile), check_deleted=check_deleted)
+    failed = _tree_failure("nothing-lost", "fsynced data lost", problems)
+    if failed is not None:
+        return failed
+    checked = sum(1 for p in manifest if p not in volatile)
+    return OracleResult("nothing-lost", True, f"all {checked} fsynced paths as expected")
+
+
+def _run(argv: Sequence[str]) -> tuple[int, str]:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def fsck_command(device: str, fstype: str) -> list[str]:
+    if fstype == "xfs":
+        return ["xfs_repair", "-n", device]
+    if fstype in ("ext2", "ext3", "ext4"):
+        return ["e2fsck", "-fn", device]
+    raise ValueError(f"no read-only checker for file system type {fstype!r}")
+
+
+def fsck(device: str, fstype: str, *, runner: Runner | None = None) -> OracleResult:
+    """Read-only consistency check; exit status 0 is clean for both checkers."""
+    argv = fsck_command(device, fstype)
+    code, output = (runner or _run)(argv)
+    tail = output.strip().splitlines()[-5:]
+    if code == 0:
+        return OracleResult("fsck", True, f"{argv[0]} found {device} clean")
+    return OracleResult(
+        "fsck",
+        False,
+        f"{' '.join(argv)} exited {code}: {' | '.join(tail)}",
+        details={"exit": code, "output": output[-4000:]},
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# (c) change-list completeness and update-img
+
+
+def _marked_blocks(cow_path: str | os.PathLike[str], nblocks: int) -> Iterator[int]:
+    with cowfmt.CowFile(cow_path) as cf:
+        available = max(0, (cf.file_size - cowfmt.HEADER_REGION) // cowfmt.ENTRY_SIZE)
+        for block, _ in cf.iter_changed(0, min(nblocks, available)):
+            yield block
+
+
+def change_list_complete(
+    snap_n: bytes, snap_n1: bytes, cow_path: str | os.PathLike[str], *, max_listed: int = 50
+) -> OracleResult:
+    """Every block that differs between snapshot N and N+1 must be marked in the COW file of period N.
+
+    Unmarked differing blocks fail. Marked blocks that did not change (over-marking: rewrites with
+    the same data, metadata churn) are only measured: ``details["precision"]`` is the share of
+    marked blocks that really changed.
+    """
+    nblocks = max(blockhash.block_count(snap_n), blockhash.block_count(snap_n1))
+    diffs = blockhash.iter_differing_blocks(snap_n, snap_n1)
+    marked = _marked_blocks(cow_path, nblocks)
+    missed: list[int] = []
+    n_missed = n_diff = n_marked = hits = 0
+    d = next(diffs, None)
+    m = next(marked, None)
+    while d is not None or m is not None:
+        if d is not None and (m is None or d < m):
+            n_diff += 1
+            n_missed += 1
+            if len(missed) < max_listed:
+                missed.append(d)
+            d = next(diffs, None)
+        elif m is not None and (d is None or m < d):
+            n_marked += 1
+            m = next(marked, None)
+        else:
+            n_diff += 1
+            n_marked += 1
+            hits += 1
+            d = next(diffs, None)
+            m = next(marked, None)
+    precision = hits / n_marked if n_marked else 1.0
+    details: dict[str, Any] = {
+        "differing": n_diff,
+        "marked": n_marked,
+        "missed": n_missed,
+        "missed_blocks": missed,
+        "over_marked": n_marked - hits,
+        "precision": precision,
+    }
+    if n_missed:
+        first = missed[0]
+        return OracleResult(
+            "change-list",
+            False,
+            f"block {first} differs between snapshot N and N+1 "
+            f"({_digest_hex(snap_n, first)} -> {_digest_hex(snap_n1, first)}) but is not marked in "
+            f"{os.fspath(cow_path)}; {n_missed} of {n_diff} differing blocks missed",
+            first_block=first,
+            details=details,
+        )
+    return OracleResult(
+        "change-list",
+        True,
+        f"all {n_diff} differing blocks marked; {n_marked} marked, precision {precision:.3f}",
+        details=details,
+    )
+
+
+def update_img_matches(
+    snapshot: str,
+    cow_path: str,
+    image: str,
+    *,
+    expected_sha256: str | None = None,
+    info_lookup: Callable[[int], Any] | None = None,
+    minor_resolver: Callable[[str], int] | None = None,
+) -> OracleResult:
+    """Run update-img (pydbd.updateimg.run) on ``image`` (a copy of snapshot N) with ``cow_path`` (COW N)
+    from ``snapshot`` (snapshot N+1); then the image's sha256 must equal the snapshot's.
+
+    The lookups default to the real driver; host tests inject them.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    code = updateimg.run(
+        snapshot,
+        cow_path,
+        image,
+        info_lookup=info_lookup,
+        minor_resolver=minor_resolver,
+        progress=False,
+        out=out,
+        err=err,
+    )
+    details: dict[str, Any] = {"exit": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+    if code != 0:
+        return OracleResult(
+            "update-img", False, f"update-img exited {code}: {err.getvalue().strip()}", details=details
+        )
+    want = expected_sha256 or blockhash.sha256_device(snapshot)
+    got = blockhash.sha256_device(image)
+    details.update(image_sha256=got, snapshot_sha256=want)
+    if got == want:
+        return OracleResult(
+            "update-img", True, f"updated image equals snapshot N+1 (sha256 {got[:16]}...)", details=details
+        )
+    first = None
+    if expected_sha256 is None:
+        first = blockhash.first_difference(blockhash.hash_blocks(image), blockhash.hash_blocks(snapshot))
+    where = "" if first is None else f"; first differing block {first}"
+    return OracleResult(
+        "update-img",
+        False,
+        f"updated image sha256 {got[:16]}... != snapshot N+1 {want[:16]}...{where}",
+        first_block=first,
+        details=details,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# (d) COW structure
+
+
+def _snapshot_block(fd: int, block: int) -> bytes:
+    return os.pread(fd, BLOCK_SIZE, block * BLOCK_SIZE)
+
+
+def cow_structure(
+    cow_path: str | os.PathLike[str],
+    snapshot: str | os.PathLike[str],
+    *,
+    device_sectors: int | None = None,
+    written: Iterable[int] | None = None,
+    exact_written: bool = False,
+    expected_seqid: int | None = None,
+    expected_uuid: bytes | None = None,
+) -> OracleResult:
+    """Check a finalized (clean) COW file of a snapshot period against the snapshot it preserved.
+
+    - pydbd.cow.verify passes (with ``device_sectors``, default: the snapshot's size);
+    - every mapped entry's data block (at entry × 4096 in the file) equals the snapshot's block;
+    - nr_changed_blocks equals the number of non-zero entries;
+    - seqid / uuid equal the expected values when given;
+    - every block in ``written`` is marked (a written block without an entry means the snapshot would
+      show the new data); with ``exact_written`` a marked block that was not written also fails
+      (use it for raw-device workloads, where nothing else writes).
+
+    ``snapshot`` is the snapshot device or a saved image of it. An index-only file has no data, so
+    the data check is skipped (and said so).
+    """
+    cow_name = os.fspath(cow_path)
+    snap_fd = os.open(os.fspath(snapshot), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        snap_size = blockhash.device_size(snap_fd)
+        sectors = device_sectors if device_sectors is not None else snap_size // cowfmt.SECTOR_SIZE
+        report = cowfmt.verify(cow_name, sectors)
+        if not report.ok:
+            first = report.violations[0] if report.violations else None
+            return OracleResult(
+                "cow-structure",
+                False,
+                f"{cow_name} fails the format rules ({report.violations_total} violations): {first}",
+                details={"violations": [str(v) for v in report.violations[:50]]},
+            )
+        header = report.header
+        assert header is not None
+        problem = _identity_problem(header, expected_seqid, expected_uuid)
+        if problem:
+            return OracleResult("cow-structure", False, f"{cow_name}: {problem}")
+        with cowfmt.CowFile(cow_name, sectors) as cf:
+            return _check_entries(cf, snap_fd, written, exact_written)
+    finally:
+        os.close(snap_fd)
+
+
+def _identity_problem(header: cowfmt.CowHeader, seqid: int | None, uuid: bytes | None) -> str | None:
+    if seqid is not None and header.seqid != seqid:
+        return f"seqid is {header.seqid}, expected {seqid}"
+    if uuid is not None and header.uuid != uuid:
+        return f"uuid is {header.uuid.hex()}, expected {uuid.hex()}"
+    return None
+
+
+def _check_entries(
+    cf: cowfmt.CowFile, snap_fd: int, written: Iterable[int] | None, exact: bool
+) -> OracleResult:
+    header = cf.header
+    marked: set[int] = set()
+    compared = 0
+    with open(cf.path, "rb") as data:
+        for block, value in cf.iter_changed():
+            marked.add(block)
+            if header.index_only or value == cowfmt.MARKER:
+                continue
+            stored = os.pread(data.fileno(), BLOCK_SIZE, value * BLOCK_SIZE)
+            expected = _snapshot_block(snap_fd, block)
+            compared += 1
+            if stored[: len(expected)] != expected:
+                return _data_mismatch(cf.path, block, value, stored, expected)
+    return _check_counts(cf, marked, compared, written, exact)
+
+
+def _data_mismatch(path: str, block: int, value: int, stored: bytes, expected: bytes) -> OracleResult:
+    return OracleResult(
+        "cow-structure",
+        False,
+        f"{path}: entry of block {block} maps data block {value}, whose content "
+        f"({blockhash.block_digest(stored).hex()}) is not the snapshot's block {block} "
+        f"({blockhash.block_digest(expected).hex()})",
+        first_block=block,
+    )
+
+
+def _check_counts(
+    cf: cowfmt.CowFile, marked: set[int], compared: int, written: Iterable[int] | None, exact: bool
+) -> OracleResult:
+    header = cf.header
+    if header.nr_changed_blocks != len(marked):
+        return OracleResult(
+            "cow-structure",
+            False,
+            f"{cf.path}: nr_changed_blocks is {header.nr_changed_blocks}, index has {len(marked)} entries",
+        )
+    written_set = set(written) if written is not None else set()
+    unmarked = sorted(written_set - marked)
+    if unmarked:
+        return OracleResult(
+            "cow-structure",
+            False,
+            f"{cf.path}: block {unmarked[0]} was written but has no entry ({len(unmarked)} such blocks)",
+            first_block=unmarked[0],
+            details={"unmarked": unmarked[:50]},
+        )
+    extra = sorted(marked - written_set) if written is not None else []
+    if exact and extra:
+        return OracleResult(
+            "cow-structure",
+            False,
+            f"{cf.path}: block {extra[0]} has an entry but was not written ({len(extra)} such blocks)",
+            first_block=extra[0],
+            details={"extra": extra[:50]},
+        )
+    data_note = "index-only: no data to compare" if header.index_only else f"{compared} data blocks match"
+    return OracleResult(
+        "cow-structure",
+        True,
+        f"{cf.path}: valid, {len(marked)} entries, {data_note}, seqid {header.seqid}",
+        details={"entries": len(marked), "compared": compared, "extra_marked": len(extra)},
+    )
