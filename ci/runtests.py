@@ -61,13 +61,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         timings.append(
             ("ruff format", _run_stage("lint: ruff format", [_tool("ruff"), "format", "--check", "."]))
         )
-        timings.append(("mypy", _run_stage("lint: mypy --strict", [_tool("mypy"), "--strict", "pydbd"])))
+        timings.append(
+            (
+                "mypy",
+                _run_stage(
+                    "lint: mypy --strict", [_tool("mypy"), "--strict", "pydbd", "guestlib", "fuzz/model.py"]
+                ),
+            )
+        )
         timings.append(
             (
                 "unit",
                 _run_stage(
                     "host tests",
-                    [_tool("pytest"), "-q", "tests/unit", f"--junitxml={artifacts / 'junit-unit.xml'}"],
+                    [
+                        _tool("pytest"),
+                        "-q",
+                        "tests/unit",
+                        "fuzz",
+                        f"--junitxml={artifacts / 'junit-unit.xml'}",
+                    ],
+                    env={**os.environ, "HYPOTHESIS_PROFILE": "ci"},
                 ),
             )
         )

@@ -792,6 +792,10 @@ def _write_changes(
     """Record every change; returns the next free data slot (fpos)."""
     slot = geo.first_data_block
     for block, data in items:
+        if not 0 <= block < geo.index_entries:
+            # e.g. the partial last block of a device whose whole blocks fill every section exactly:
+            # its entry would land on the first data block, so no valid file can record it.
+            raise ValueError(f"block {block}: outside the index ({geo.index_entries} entries)")
         if not snapshot:
             writer.set(block, MARKER)
             continue

@@ -29,6 +29,7 @@ Differences from upstream
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import re
@@ -589,9 +590,19 @@ def _dispatch(name: str, argv: list[str]) -> int:
     return EXIT_FAILURE
 
 
+def _pass_raw_path_bytes() -> None:
+    """Paths from the driver may hold bytes that are not UTF-8 (the kernel does not care); they are
+    decoded with surrogateescape, so write them back out as the original bytes, as a C tool would,
+    instead of failing with UnicodeEncodeError under a strict UTF-8 locale."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="surrogateescape")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dbdctl` console script; returns the exit status."""
     args = sys.argv[1:] if argv is None else list(argv)
+    _pass_raw_path_bytes()
     if not args:
         _print_usage()
         return EXIT_FAILURE

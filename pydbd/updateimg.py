@@ -245,6 +245,8 @@ def _copy(cow_file: CowFile, entries: int, snap_fd: int, img_fd: int, snap_size:
     except OSError as exc:
         # Block copy failures are counted inside the copier; this is the index itself failing.
         raise _os_failure(exc, "error reading cow file index") from exc
+    except CowFormatError as exc:
+        raise UpdateError(errno.EINVAL, f"error reading cow file index: {exc.message}") from exc
     print(f"copying complete: {stats.changed} blocks changed, {stats.errors} errors", file=s.out, flush=True)
     if stats.mismatches:
         print(f"update-img: verify failed: {stats.mismatches} blocks differ", file=s.err)
@@ -322,6 +324,12 @@ def _index_entries(cow_file: CowFile, snap_size: int) -> int:
     Any other shortfall means the COW file does not describe this snapshot.
     """
     wanted = -(-snap_size // BLOCK_SIZE)
+    if cow_file.file_size < entry_offset(0):
+        raise UpdateError(
+            errno.EINVAL,
+            f"cow file ends at byte {cow_file.file_size}, inside its {entry_offset(0)}-byte header: "
+            "it holds no index",
+        )
     available = max(0, (cow_file.file_size - entry_offset(0)) // 8)
     if available < snap_size // BLOCK_SIZE:
         raise UpdateError(
