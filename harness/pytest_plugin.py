@@ -1,0 +1,158 @@
+"""pytest plugin: kernel matrix options, guest fixtures, markers, artifacts of failing guest tests.
+
+Register it from tests/conftest.py with `pytest_plugins = ["harness.pytest_plugin"]`.
+
+Options: `--kernel debian-6.1|all|a,b` (default: $DBD_KERNEL or debian-6.1), `--rootfs bookworm|trixie`.
+Tests that use `target` (directly or through `guest`, `module_guest`, ...) run once per chosen kernel.
+Guests fail (never skip) when they cannot boot. Each guest has its own run dir, so `-n 2` is safe.
+
+Per-test guest settings: `@pytest.mark.guest_config(disks=[DiskSpec(1024)], memory_mib=2048, smp=1)`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from harness import artifacts, images
+from harness.guest import DEFAULT_DISKS, Guest
+from harness.images import GuestDisk
+from harness.qemu import DiskSpec
+
+GUEST_FIXTURES = {"guest", "module_guest", "scratch_disk", "ext4_volume", "xfs_volume", "guest_image"}
+VOLUME_MOUNT = "/mnt/vol"
+_FAILED = pytest.StashKey[bool]()
+
+
+@dataclass(frozen=True)
+class Volume:
+    device: str  # e.g. /dev/vdb
+    mountpoint: str  # /mnt/vol
+    fstype: str
+    disk: GuestDisk
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dbd-guest", "dattobd QEMU guests")
+    group.addoption(
+        "--kernel",
+        default=os.environ.get("DBD_KERNEL", "debian-6.1"),
+        help="guest kernel target(s): a name, a comma list, or 'all' (default debian-6.1)",
+    )
+    group.addoption("--rootfs", default=os.environ.get("DBD_ROOTFS", "bookworm"), help="guest root fs")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "guest: needs a QEMU guest (boots a throwaway VM)")
+    config.addinivalue_line("markers", "slow: takes more than a minute")
+    config.addinivalue_line("markers", "guest_config(**kwargs): Guest() keyword arguments for this test")
+
+
+def selected_kernels(config: pytest.Config) -> list[str]:
+    value = str(config.getoption("--kernel")).strip()
+    if value == "all":
+        return images.all_targets()
+    return [k.strip() for k in value.split(",") if k.strip()]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "target" in metafunc.fixturenames:
+        kernels = selected_kernels(metafunc.config)
+        metafunc.parametrize("target", kernels, indirect=True, ids=kernels, scope="session")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & GUEST_FIXTURES:
+            item.add_marker(pytest.mark.guest)
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    rep = yield
+    if rep.failed and rep.when in ("setup", "call"):
+        item.stash[_FAILED] = True
+        if set(getattr(item, "fixturenames", ())) & GUEST_FIXTURES:
+            rep.sections.append(("guest artifacts", str(artifacts.test_dir(item.nodeid))))
+    return rep
+
+
+@pytest.fixture(scope="session")
+def target(request: pytest.FixtureRequest) -> str:
+    """The kernel target of this test instance (parametrized from --kernel)."""
+    return str(getattr(request, "param", None) or selected_kernels(request.config)[0])
+
+
+@pytest.fixture(scope="session")
+def rootfs(request: pytest.FixtureRequest) -> str:
+    return str(request.config.getoption("--rootfs"))
+
+
+@pytest.fixture(scope="session")
+def guest_image(target: str, rootfs: str) -> Any:
+    """The GuestImage of the target (built once per session and target; cached on disk by vmimages)."""
+    return images.guest_image(target, rootfs)
+
+
+@pytest.fixture
+def guest(request: pytest.FixtureRequest, target: str, rootfs: str) -> Iterator[Guest]:
+    """A freshly booted guest (module not loaded) with one 512 MiB sparse scratch disk at /dev/vdb."""
+    marker = request.node.get_closest_marker("guest_config")
+    kwargs: dict[str, Any] = {"disks": DEFAULT_DISKS, **(marker.kwargs if marker else {})}
+    kwargs.setdefault("module", False)
+    g = Guest(target=target, rootfs=rootfs, name=request.node.nodeid, **kwargs)
+    try:
+        g.boot()
+    except BaseException:
+        g.finish(test_failed=True, artifact_dir=artifacts.test_dir(request.node.nodeid))
+        raise
+    yield g
+    g.finish(
+        test_failed=request.node.stash.get(_FAILED, False),
+        artifact_dir=artifacts.test_dir(request.node.nodeid),
+    )
+
+
+@pytest.fixture
+def module_guest(guest: Guest) -> Guest:
+    """The `guest` with the dattobd module (built from kernel/ for the target) loaded, debug=1."""
+    guest.load_module()
+    return guest
+
+
+@pytest.fixture
+def scratch_disk(guest: Guest) -> GuestDisk:
+    """The guest's first data disk (/dev/vdb), blank."""
+    disks = guest.disks
+    if not disks:
+        raise pytest.UsageError("scratch_disk needs a guest with a data disk (see guest_config(disks=...))")
+    return disks[0]
+
+
+def _volume(guest: Guest, disk: GuestDisk, fstype: str) -> Volume:
+    mkfs = {"ext4": "mkfs.ext4 -q -F", "xfs": "mkfs.xfs -q -f"}[fstype]
+    guest.check(f"{mkfs} {disk.device} && mkdir -p {VOLUME_MOUNT} && mount {disk.device} {VOLUME_MOUNT}")
+    return Volume(disk.device, VOLUME_MOUNT, fstype, disk)
+
+
+@pytest.fixture
+def ext4_volume(guest: Guest, scratch_disk: GuestDisk) -> Volume:
+    """ext4 made on the scratch disk and mounted at /mnt/vol."""
+    return _volume(guest, scratch_disk, "ext4")
+
+
+@pytest.fixture
+def xfs_volume(guest: Guest, scratch_disk: GuestDisk) -> Volume:
+    """XFS made on the scratch disk and mounted at /mnt/vol (XFS needs a disk of 300 MiB or more)."""
+    return _volume(guest, scratch_disk, "xfs")
+
+
+__all__ = ["DiskSpec", "Volume"]

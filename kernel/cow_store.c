@@ -1,0 +1,740 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * The COW file ("exception store").
+ *
+ * The file lives on the traced filesystem.  It is created, preallocated and
+ * zero-filled through the VFS *before* the snapshot is taken, fsync'ed, and
+ * its physical layout is captured with bmap().  From then on every access
+ * (COW data, index, header) is done with our own bios at those physical
+ * sectors, so the COW worker never enters the filesystem and cannot deadlock
+ * with journal writes it has to copy itself.  The inode is kept S_IMMUTABLE
+ * (in memory) while we hold it, so nobody else can change its layout.
+ */
+#include <linux/slab.h>
+#include <linux/vmalloc.h>
+#include <linux/mm.h>
+#include <linux/pagemap.h>
+#include <linux/namei.h>
+#include <linux/dcache.h>
+#include <linux/falloc.h>
+#include <linux/sort.h>
+#include <linux/uio.h>
+#include <linux/cred.h>
+#include <linux/file.h>
+#include "dattobd.h"
+
+/* ---- async I/O helpers --------------------------------------------------- */
+void dbd_io_init(struct dbd_io *io)
+{
+	atomic_set(&io->pending, 1);
+	io->status = 0;
+	io->done_fn = NULL;
+	init_completion(&io->done);
+}
+
+static void dbd_io_finish(struct dbd_io *io)
+{
+	if (io->done_fn)
+		io->done_fn(io);
+	else
+		complete(&io->done);
+}
+
+void dbd_io_put(struct dbd_io *io)
+{
+	if (atomic_dec_and_test(&io->pending))
+		dbd_io_finish(io);
+}
+
+static void dbd_io_endio(struct bio *bio)
+{
+	struct dbd_io *io = bio->bi_private;
+
+	if (bio->bi_status)
+		io->status = blk_status_to_errno(bio->bi_status);
+	bio_put(bio);
+	if (atomic_dec_and_test(&io->pending))
+		dbd_io_finish(io);
+}
+
+int dbd_io_wait(struct dbd_io *io)
+{
+	if (!atomic_dec_and_test(&io->pending))
+		wait_for_completion_io(&io->done);
+	return io->status;
+}
+
+void dbd_bb_init(struct dbd_bb *bb, struct block_device *bdev, unsigned int opf,
+		 struct dbd_io *io)
+{
+	bb->bdev = bdev;
+	bb->opf = opf;
+	bb->io = io;
+	bb->bio = NULL;
+	bb->next = 0;
+	bb->tracked = false;
+}
+
+void dbd_bb_submit(struct dbd_bb *bb)
+{
+	struct bio *bio = bb->bio;
+
+	if (!bio)
+		return;
+	bb->bio = NULL;
+	atomic_inc(&bb->io->pending);
+	if (bb->tracked)
+		dbd_tracked_submit(bio);	/* goes through COW like any other write */
+	else
+		submit_bio_noacct(bio);
+}
+
+#define DBD_BB_VECS 64
+
+void dbd_bb_add(struct dbd_bb *bb, sector_t sect, struct page *pg, unsigned int len,
+		unsigned int off)
+{
+	struct bio *bio;
+
+	if (bb->bio && bb->next == sect && bio_add_page(bb->bio, pg, len, off) == len) {
+		bb->next += len >> 9;
+		return;
+	}
+	dbd_bb_submit(bb);
+	bio = dbd_bio_alloc(bb->bdev, DBD_BB_VECS, bb->opf, GFP_NOIO);
+	bio->bi_iter.bi_sector = sect;
+	bio->bi_end_io = dbd_io_endio;
+	bio->bi_private = bb->io;
+	__bio_add_page(bio, pg, len, off);	/* fresh bio: always fits */
+	bb->bio = bio;
+	bb->next = sect + (len >> 9);
+}
+
+static struct dbd_extent *ext_find(struct dbd_extent *e, unsigned int n, u64 fsect)
+{
+	unsigned int lo = 0, hi = n;
+
+	while (lo < hi) {
+		unsigned int mid = lo + (hi - lo) / 2;
+
+		if (fsect < e[mid].fsect)
+			hi = mid;
+		else if (fsect >= e[mid].fsect + e[mid].nr)
+			lo = mid + 1;
+		else
+			return &e[mid];
+	}
+	return NULL;
+}
+
+/* queue I/O of [foff, foff+len) of the COW file (512-aligned) on @bb */
+int cow_bb_add_file(struct cow_store *c, struct dbd_bb *bb, u64 foff, struct page *pg,
+		    unsigned int off, unsigned int len)
+{
+	while (len) {
+		u64 fs = foff >> 9;
+		struct dbd_extent *e = ext_find(c->ext, c->n_ext, fs);
+		unsigned int n;
+
+		if (!e) {
+			LOG_DEBUG("cow file offset %llu is not mapped", foff);
+			return -EFBIG;
+		}
+		n = min_t(u64, len, (e->fsect + e->nr - fs) << 9);
+		dbd_bb_add(bb, e->dsect + (fs - e->fsect), pg, n, off);
+		foff += n;
+		off += n;
+		len -= n;
+	}
+	return 0;
+}
+
+/*
+ * Mark in @map the device blocks that hold COW data written by us (slots
+ * [first data block, fpos)).  Those writes bypass tracking, so without this
+ * the next incremental period would not report them although the blocks
+ * differ from what the snapshot showed (zeros).
+ */
+void cow_mark_data_blocks(struct cow_store *c, unsigned long *map, u64 nblocks)
+{
+	u64 slot;
+	unsigned int k;
+
+	mutex_lock(&c->ext_mutex);
+	for (slot = c->first_data_block; slot < c->fpos; slot++) {
+		for (k = 0; k < COW_BLOCK_SECTS; k++) {
+			struct dbd_extent *e = ext_find(c->ext, c->n_ext, slot * COW_BLOCK_SECTS + k);
+			u64 b;
+
+			if (!e)
+				continue;
+			b = (e->dsect + (slot * COW_BLOCK_SECTS + k - e->fsect)) / COW_BLOCK_SECTS;
+			if (b < nblocks)
+				set_bit(b, map);
+		}
+	}
+	mutex_unlock(&c->ext_mutex);
+}
+
+/* Is device sector @s part of the COW file area as the snapshot sees it? */
+bool cow_dev_region(struct cow_store *c, sector_t s, u64 *fsect)
+{
+	unsigned int lo = 0, hi = c->n_dext;
+
+	while (lo < hi) {
+		unsigned int mid = lo + (hi - lo) / 2;
+		struct dbd_extent *e = &c->dext[mid];
+
+		if (s < e->dsect)
+			hi = mid;
+		else if (s >= e->dsect + e->nr)
+			lo = mid + 1;
+		else {
+			*fsect = e->fsect + (s - e->dsect);
+			return true;
+		}
+	}
+	return false;
+}
+
+/* ---- index --------------------------------------------------------------- */
+u64 cow_entry_get(struct cow_store *c, u64 b)
+{
+	u64 *s;
+
+	if (b >= c->nblocks)
+		return 0;
+	s = smp_load_acquire(&c->sections[b / COW_SECT_ENTRIES]);
+	return s ? READ_ONCE(s[b % COW_SECT_ENTRIES]) : 0;
+}
+
+int cow_entry_set(struct cow_store *c, u64 b, u64 v)
+{
+	u64 *s;
+
+	if (b >= c->nblocks)
+		return -ERANGE;
+	s = c->sections[b / COW_SECT_ENTRIES];
+	if (!s) {
+		if (!v)
+			return 0;
+		s = kvzalloc(COW_SECT_BYTES, GFP_NOIO);
+		if (!s)
+			return -ENOMEM;
+		smp_store_release(&c->sections[b / COW_SECT_ENTRIES], s);
+	}
+	WRITE_ONCE(s[b % COW_SECT_ENTRIES], v);
+	return 0;
+}
+
+/* ---- file helpers ---------------------------------------------------------- */
+static void cow_set_immutable(struct file *f, bool on)
+{
+	struct inode *inode = file_inode(f);
+
+	inode_lock(inode);
+	if (on)
+		inode->i_flags |= S_IMMUTABLE;
+	else
+		inode->i_flags &= ~S_IMMUTABLE;
+	inode_unlock(inode);
+}
+
+static void cow_fill_header(struct cow_store *c, struct cow_header *h, u32 flags)
+{
+	memset(h, 0, sizeof(*h));
+	h->magic = COW_MAGIC;
+	h->flags = flags;
+	h->fpos = c->fpos;
+	h->fsize = c->fsize;
+	h->seqid = c->seqid;
+	memcpy(h->uuid, c->uuid, 16);
+	h->version = c->version;
+	h->nr_changed_blocks = atomic64_read(&c->nr_changed);
+}
+
+static int cow_zero_fill(struct file *f, loff_t start, loff_t end)
+{
+	size_t bufsz = 1 << 20;
+	void *buf = vzalloc(bufsz);
+	loff_t pos = start;
+	int err = 0;
+
+	if (!buf)
+		return -ENOMEM;
+	while (pos < end) {
+		size_t n = min_t(loff_t, bufsz, end - pos);
+		ssize_t w = kernel_write(f, buf, n, &pos);
+
+		if (w < 0) {
+			err = w;
+			break;
+		}
+		if (w == 0) {
+			err = -EIO;
+			break;
+		}
+		if (fatal_signal_pending(current)) {
+			err = -EINTR;
+			break;
+		}
+	}
+	vfree(buf);
+	return err;
+}
+
+/*
+ * Zero-fill with O_DIRECT writes of the shared zero page (expand while a
+ * snapshot is live): no page cache, so no dirty throttling that could wait
+ * for writeback queued behind the COW worker, and the bios are issued by this
+ * task, which the hook lets through.  Falls back to buffered writes.
+ */
+#define DBD_ZF_PAGES 256
+static int cow_zero_fill_direct(struct file *f, loff_t start, loff_t end)
+{
+	struct bio_vec *bv;
+	struct file *df;
+	loff_t pos = start;
+	unsigned int i;
+	int err = 0;
+
+	df = dentry_open(&f->f_path, O_RDWR | O_DIRECT | O_LARGEFILE, current_cred());
+	if (IS_ERR(df))
+		return cow_zero_fill(f, start, end);
+	bv = kmalloc_array(DBD_ZF_PAGES, sizeof(*bv), GFP_KERNEL);
+	if (!bv) {
+		fput(df);
+		return -ENOMEM;
+	}
+	for (i = 0; i < DBD_ZF_PAGES; i++) {
+		bv[i].bv_page = ZERO_PAGE(0);
+		bv[i].bv_len = PAGE_SIZE;
+		bv[i].bv_offset = 0;
+	}
+	while (pos < end) {
+		size_t n = min_t(loff_t, (loff_t)DBD_ZF_PAGES * PAGE_SIZE, end - pos);
+		struct iov_iter it;
+		ssize_t w;
+
+		iov_iter_bvec(&it, WRITE, bv, DIV_ROUND_UP(n, PAGE_SIZE), n);
+		w = vfs_iter_write(df, &it, &pos, 0);
+		if (w <= 0) {
+			err = w < 0 ? w : -EIO;
+			break;
+		}
+	}
+	kfree(bv);
+	fput(df);
+	if (err == -EINVAL || err == -EOPNOTSUPP)	/* no O_DIRECT support */
+		err = cow_zero_fill(f, pos, end);
+	return err;
+}
+
+static int ext_cmp_dev(const void *a, const void *b)
+{
+	const struct dbd_extent *x = a, *y = b;
+
+	return x->dsect < y->dsect ? -1 : x->dsect > y->dsect;
+}
+
+/*
+ * Map file bytes [start, end) with bmap() and append merged extents to
+ * c->ext.  Every block must be mapped (no holes/unwritten/delalloc).
+ */
+static int cow_map_range(struct cow_store *c, u64 start, u64 end)
+{
+	struct inode *inode = file_inode(c->filp);
+	unsigned int bits = inode->i_blkbits;
+	u64 spb = 1ULL << (bits - 9);
+	u64 blk, first = start >> bits, last = (end + (1ULL << bits) - 1) >> bits;
+	unsigned int cap = c->n_ext + 16;
+	struct dbd_extent *e = kvmalloc_array(cap, sizeof(*e), GFP_KERNEL);
+	unsigned int n = c->n_ext;
+
+	if (!e)
+		return -ENOMEM;
+	if (n)
+		memcpy(e, c->ext, n * sizeof(*e));
+	for (blk = first; blk < last; blk++) {
+		sector_t pb = blk;
+		int r = bmap(inode, &pb);
+
+		if (r || pb == 0) {
+			LOG_ERROR(-EIO, "cow file block %llu is not mapped", blk);
+			kvfree(e);
+			return -EIO;
+		}
+		if (n && e[n - 1].fsect + e[n - 1].nr == blk * spb &&
+		    e[n - 1].dsect + e[n - 1].nr == (u64)pb * spb) {
+			e[n - 1].nr += spb;
+			continue;
+		}
+		if (n == cap) {
+			struct dbd_extent *ne = kvmalloc_array(cap * 2, sizeof(*e), GFP_KERNEL);
+
+			if (!ne) {
+				kvfree(e);
+				return -ENOMEM;
+			}
+			memcpy(ne, e, n * sizeof(*e));
+			kvfree(e);
+			e = ne;
+			cap *= 2;
+		}
+		e[n].fsect = blk * spb;
+		e[n].dsect = (u64)pb * spb;
+		e[n].nr = spb;
+		n++;
+		if (!(blk & 1023))
+			cond_resched();
+	}
+	kvfree(c->ext);
+	c->ext = e;
+	c->n_ext = n;
+	return 0;
+}
+
+static int cow_rebuild_dext(struct cow_store *c)
+{
+	struct dbd_extent *d = kvmalloc_array(max(c->n_ext, 1U), sizeof(*d), GFP_KERNEL);
+
+	if (!d)
+		return -ENOMEM;
+	memcpy(d, c->ext, c->n_ext * sizeof(*d));
+	sort(d, c->n_ext, sizeof(*d), ext_cmp_dev, NULL);
+	kvfree(c->dext);
+	c->dext = d;
+	c->n_dext = c->n_ext;
+	return 0;
+}
+
+/* path of @f relative to the root of its filesystem, starting with '/' */
+int cow_path_in_fs(struct file *f, char **out)
+{
+	char *buf = kmalloc(PATH_MAX, GFP_KERNEL);
+	char *p;
+
+	if (!buf)
+		return -ENOMEM;
+	p = dentry_path_raw(f->f_path.dentry, buf, PATH_MAX);
+	if (IS_ERR(p)) {
+		kfree(buf);
+		return PTR_ERR(p);
+	}
+	*out = kstrdup(p, GFP_KERNEL);
+	kfree(buf);
+	return *out ? 0 : -ENOMEM;
+}
+
+/*
+ * Create a new COW file (setup steps 6-9 and the physical capture).
+ * On error *errp is set and NULL returned; the file is removed if it was
+ * created by us (regular file).
+ */
+struct cow_store *cow_create(struct block_device *bdev, sector_t nr_sects, const char *path,
+			     u64 fsize, u64 falloc_mib, u64 seqid, const u8 *uuid, int *errp)
+{
+	struct cow_store *c;
+	struct file *f;
+	struct cow_header *h;
+	int err;
+
+	f = filp_open(path, O_RDWR | O_CREAT | O_TRUNC | O_LARGEFILE, 0);
+	if (IS_ERR(f)) {
+		*errp = PTR_ERR(f);
+		LOG_ERROR(*errp, "error opening cow file '%s'", path);
+		return NULL;
+	}
+	if (!S_ISREG(file_inode(f)->i_mode)) {
+		filp_close(f, NULL);
+		*errp = -EINVAL;
+		LOG_ERROR(-EINVAL, "cow file '%s' is not a regular file", path);
+		return NULL;
+	}
+
+	c = kzalloc(sizeof(*c), GFP_KERNEL);
+	if (!c) {
+		err = -ENOMEM;
+		goto fail_file;
+	}
+	mutex_init(&c->ext_mutex);
+	c->filp = f;
+	c->bdev = bdev;
+	c->nblocks = nr_sects / COW_BLOCK_SECTS;
+	c->nsect = DIV_ROUND_UP(c->nblocks, COW_SECT_ENTRIES);
+	if (!c->nsect)
+		c->nsect = 1;
+	c->data_offset = COW_BLOCK + c->nsect * COW_SECT_BYTES;
+	c->first_data_block = c->data_offset / COW_BLOCK;
+	c->fpos = c->first_data_block;
+	c->fsize = fsize;
+	c->seqid = seqid;
+	c->version = 1;
+	memcpy(c->uuid, uuid, 16);
+	c->falloc_mib = falloc_mib;
+	atomic64_set(&c->nr_changed, 0);
+	c->alloc_len = round_up(max(fsize, c->data_offset), COW_BLOCK);
+	c->sections = kvcalloc(c->nsect, sizeof(u64 *), GFP_KERNEL);
+	c->hdr0 = kzalloc(COW_BLOCK, GFP_KERNEL);
+	if (!c->sections || !c->hdr0) {
+		err = -ENOMEM;
+		goto fail;
+	}
+
+	/* step 7: real preallocation (mode 0 extends the file) */
+	err = vfs_fallocate(f, 0, 0, c->alloc_len);
+	if (err && err != -EOPNOTSUPP) {
+		LOG_ERROR(err, "error preallocating cow file");
+		goto fail;
+	}
+
+	/* step 8: dirty header */
+	h = c->hdr0;
+	cow_fill_header(c, h, 0);
+	{
+		loff_t pos = 0;
+		ssize_t w = kernel_write(f, c->hdr0, COW_BLOCK, &pos);
+
+		if (w != COW_BLOCK) {
+			err = w < 0 ? w : -EIO;
+			LOG_ERROR(err, "error writing cow header");
+			goto fail;
+		}
+	}
+
+	/* step 9: must live on the traced filesystem */
+	if (file_inode(f)->i_sb != dbd_bdev_super(bdev) || file_inode(f)->i_sb->s_bdev != bdev) {
+		err = -EINVAL;
+		LOG_ERROR(err, "cow file must be on the traced filesystem");
+		goto fail;
+	}
+
+	/* turn the preallocation into real written extents, then capture them */
+	err = cow_zero_fill(f, COW_BLOCK, c->alloc_len);
+	if (err) {
+		LOG_ERROR(err, "error zero-filling cow file");
+		goto fail;
+	}
+	err = vfs_fsync(f, 0);
+	if (err) {
+		LOG_ERROR(err, "error syncing cow file");
+		goto fail;
+	}
+	err = cow_map_range(c, 0, c->alloc_len);
+	if (err)
+		goto fail;
+	err = cow_rebuild_dext(c);
+	if (err)
+		goto fail;
+	cow_set_immutable(f, true);
+	LOG_DEBUG("cow file '%s': %llu bytes, %u extents, data offset %llu", path,
+		  c->alloc_len, c->n_ext, c->data_offset);
+	*errp = 0;
+	return c;
+
+fail:
+	c->filp = NULL;
+	cow_free(c);
+fail_file:
+	dbd_vfs_unlink(f);
+	filp_close(f, NULL);
+	*errp = err;
+	return NULL;
+}
+
+/*
+ * Write the index and then the header (flags) by bio.  Fold the incremental
+ * bitmap in first.  With @tracked the bios are submitted through the COW path
+ * (the file is part of a newer snapshot).
+ */
+int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tracked)
+{
+	struct dbd_io io;
+	struct dbd_bb bb;
+	struct page *hp;
+	u64 s, b;
+	int err = 0;
+
+	if (changed) {
+		for_each_set_bit(b, changed, c->nblocks) {
+			if (!cow_entry_get(c, b)) {
+				err = cow_entry_set(c, b, 1);
+				if (err)
+					return err;
+			}
+		}
+	}
+	c->flags = flags;
+	dbd_io_init(&io);
+	dbd_bb_init(&bb, c->bdev, REQ_OP_WRITE, &io);
+	bb.tracked = tracked;
+	mutex_lock(&c->ext_mutex);
+	for (s = 0; s < c->nsect && !err; s++) {
+		u8 *sec = (u8 *)c->sections[s];
+		unsigned int off;
+
+		if (!sec)
+			continue;
+		for (off = 0; off < COW_SECT_BYTES && !err; off += PAGE_SIZE) {
+			struct page *pg = is_vmalloc_addr(sec + off) ? vmalloc_to_page(sec + off) :
+							      virt_to_page(sec + off);
+
+			err = cow_bb_add_file(c, &bb, COW_BLOCK + s * COW_SECT_BYTES + off, pg, 0,
+					      PAGE_SIZE);
+		}
+	}
+	dbd_bb_submit(&bb);
+	mutex_unlock(&c->ext_mutex);
+	{
+		int e = dbd_io_wait(&io);
+
+		if (!err)
+			err = e;
+	}
+	if (err) {
+		LOG_ERROR(err, "error writing cow index");
+		return err;
+	}
+
+	hp = alloc_page(GFP_KERNEL | __GFP_ZERO);
+	if (!hp)
+		return -ENOMEM;
+	{
+		void *a = dbd_kmap(hp);
+
+		cow_fill_header(c, a, flags);
+		dbd_kunmap(a);
+	}
+	dbd_io_init(&io);
+	dbd_bb_init(&bb, c->bdev, REQ_OP_WRITE | REQ_FUA, &io);
+	bb.tracked = tracked;
+	mutex_lock(&c->ext_mutex);
+	err = cow_bb_add_file(c, &bb, 0, hp, 0, PAGE_SIZE);
+	dbd_bb_submit(&bb);
+	mutex_unlock(&c->ext_mutex);
+	{
+		int e = dbd_io_wait(&io);
+
+		if (!err)
+			err = e;
+	}
+	__free_page(hp);
+	if (err)
+		LOG_ERROR(err, "error writing cow header");
+	/* readers through the VFS must see what we wrote beneath the page cache */
+	if (c->filp)
+		invalidate_mapping_pages(c->filp->f_mapping, 0, -1);
+	return err;
+}
+
+/* transition to incremental: drop the data area (a failure is only a warning) */
+void cow_truncate_to_index(struct cow_store *c)
+{
+	long err;
+	unsigned int i;
+
+	cow_set_immutable(c->filp, false);
+	err = vfs_truncate(&c->filp->f_path, c->data_offset);
+	cow_set_immutable(c->filp, true);
+	if (err)
+		LOG_WARN("truncating cow file failed: %ld", err);
+	mutex_lock(&c->ext_mutex);
+	c->flags |= COW_INDEX_ONLY;
+	c->fsize = c->data_offset;
+	if (!err) {
+		u64 lim = c->data_offset >> 9;
+
+		for (i = 0; i < c->n_ext; i++) {
+			if (c->ext[i].fsect >= lim) {
+				c->n_ext = i;
+				break;
+			}
+			if (c->ext[i].fsect + c->ext[i].nr > lim)
+				c->ext[i].nr = lim - c->ext[i].fsect;
+		}
+		c->alloc_len = c->data_offset;
+	}
+	mutex_unlock(&c->ext_mutex);
+}
+
+void cow_close(struct cow_store *c, bool unlink)
+{
+	struct file *f = c->filp;
+	int err;
+
+	if (!f)
+		return;
+	cow_set_immutable(f, false);
+	invalidate_mapping_pages(f->f_mapping, 0, -1);
+	if (unlink) {
+		err = dbd_vfs_unlink(f);
+		if (err)
+			LOG_ERROR(err, "error deleting cow file");
+	}
+	c->filp = NULL;
+	filp_close(f, NULL);
+}
+
+void cow_free(struct cow_store *c)
+{
+	u64 s;
+
+	if (!c)
+		return;
+	if (c->filp)
+		cow_close(c, false);
+	if (c->sections) {
+		for (s = 0; s < c->nsect; s++)
+			kvfree(c->sections[s]);
+		kvfree(c->sections);
+	}
+	kvfree(c->ext);
+	kvfree(c->dext);
+	kfree(c->hdr0);
+	kfree(c);
+}
+
+/*
+ * Grow the file by @bytes at its end (expand-cow-file).  The zero-fill is
+ * written by this task; the hook lets tr->expand_task's writes through
+ * without copy-on-write and the new area reads as zeros in the snapshot.
+ */
+int cow_expand(struct dbd_tracer *tr, struct cow_store *c, u64 bytes)
+{
+	u64 start = c->alloc_len, end;
+	int err;
+
+	bytes = round_down(bytes, COW_BLOCK);
+	if (!bytes)
+		return 0;
+	end = start + bytes;
+	cow_set_immutable(c->filp, false);
+	err = vfs_fallocate(c->filp, 0, start, bytes);
+	if (err && err != -EOPNOTSUPP)
+		goto out;
+	/*
+	 * Written back without copy-on-write (the hook recognizes this task
+	 * and the file's page cache).  No fsync: waiting for a journal commit
+	 * could wait for the COW worker.  Written-back data is enough for the
+	 * filesystem to report the blocks as mapped.
+	 */
+	WRITE_ONCE(tr->expand_task, current);
+	err = cow_zero_fill_direct(c->filp, start, end);
+	if (!err)
+		err = filemap_write_and_wait_range(c->filp->f_mapping, start, end - 1);
+	WRITE_ONCE(tr->expand_task, NULL);
+	if (err)
+		goto out;
+	mutex_lock(&c->ext_mutex);
+	err = cow_map_range(c, start, end);
+	if (!err)
+		err = cow_rebuild_dext(c);
+	if (!err) {
+		c->alloc_len = end;
+		c->fsize += bytes;
+	}
+	mutex_unlock(&c->ext_mutex);
+out:
+	cow_set_immutable(c->filp, true);
+	return err;
+}

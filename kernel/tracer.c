@@ -1,0 +1,876 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Tracer table entries and their state machine (setup, transitions,
+ * destroy, reconfigure, info, expand), plus the per-tracer worker thread.
+ *
+ * All entry points run under dbd_ctl_mutex (taken by ctl.c / proc.c).
+ */
+#include <linux/kthread.h>
+#include <linux/slab.h>
+#include <linux/vmalloc.h>
+#include <linux/uuid.h>
+#include <linux/namei.h>
+#include <linux/sort.h>
+#include <linux/statfs.h>
+#include <linux/bitmap.h>
+#include "dattobd.h"
+
+struct workqueue_struct *dbd_wq;
+
+/* ---- helpers -------------------------------------------------------------- */
+unsigned long dbd_cache_size(struct dbd_tracer *tr)
+{
+	return tr->cache_size ? tr->cache_size : dbd_cow_max_memory_default;
+}
+
+int dbd_tracer_error(struct dbd_tracer *tr)
+{
+	return atomic_read(&tr->error);
+}
+
+bool dbd_tracer_busy(struct dbd_tracer *tr)
+{
+	return tr->disk && atomic_read(&tr->open_count) > 0;
+}
+
+static void dbd_tracer_release(struct kref *k)
+{
+	struct dbd_tracer *tr = container_of(k, struct dbd_tracer, ref);
+
+	kfree(tr->bdev_path);
+	kfree(tr->cow_path);
+	kfree(tr);
+}
+
+void dbd_tracer_put(struct dbd_tracer *tr)
+{
+	kref_put(&tr->ref, dbd_tracer_release);
+}
+
+static void dbd_fail_work(struct work_struct *w)
+{
+	struct dbd_tracer *tr = container_of(w, struct dbd_tracer, fail_work);
+
+	mutex_lock(&dbd_ctl_mutex);
+	if (!tr->dead && tr->cow && tr->cow->filp) {
+		LOG_DEBUG("deleting cow file of failed tracer %u", tr->minor);
+		cow_close(tr->cow, true);
+	}
+	mutex_unlock(&dbd_ctl_mutex);
+	dbd_tracer_put(tr);
+}
+
+/* Record the first failure; from now on writes pass untracked. */
+void dbd_tracer_fail(struct dbd_tracer *tr, int err)
+{
+	if (atomic_cmpxchg(&tr->error, 0, err) != 0)
+		return;
+	LOG_ERROR(err, "tracer for minor %u failed", tr->minor);
+	dbd_hook_set_mode(tr, DBD_HOOK_PASS);
+	kref_get(&tr->ref);
+	if (!queue_work(dbd_wq, &tr->fail_work))
+		dbd_tracer_put(tr);
+}
+
+/* ---- auto-expand ------------------------------------------------------------ */
+/*
+ * Expansion enters the filesystem (fallocate, zero-fill, fsync), so it can
+ * never run in the COW worker: the filesystem's own journal writes may need
+ * copy-on-write by that worker.  It runs from dbd_wq instead, and is started
+ * a little before the COW file is full (DBD_AE_MARGIN) so the worker can keep
+ * copying from the margin (max(4 MiB, step/2), at most half the file) while
+ * the expansion is in progress.  Only when the
+ * margin is exhausted does the worker wait (bounded) and then fail with EFBIG.
+ */
+#define DBD_AE_MARGIN (4ULL << 20)
+#define DBD_AE_WAIT (30 * HZ)
+
+static void dbd_ae_work(struct work_struct *w)
+{
+	struct dbd_tracer *tr = container_of(w, struct dbd_tracer, ae_work);
+	struct cow_store *c;
+
+	mutex_lock(&dbd_ctl_mutex);
+	c = tr->cow;
+	if (!tr->dead && tr->ae_set && tr->ae_step && !dbd_tracer_error(tr) &&
+	    tr->state == (DBD_STATE_SNAPSHOT | DBD_STATE_ACTIVE) && c && c->filp) {
+		struct kstatfs st;
+		bool ok;
+		int err = vfs_statfs(&c->filp->f_path, &st);
+
+		if (err) {
+			ok = tr->ae_reserved == 0;
+		} else {
+			u64 need = DIV_ROUND_UP((tr->ae_step + tr->ae_reserved) << 20,
+						max_t(u64, st.f_bsize, 1));
+
+			ok = need <= st.f_bavail;
+		}
+		if (ok) {
+			err = cow_expand(tr, c, tr->ae_step << 20);
+			if (err)
+				LOG_ERROR(err, "auto-expand of minor %u failed", tr->minor);
+			else
+				LOG_DEBUG("auto-expanded minor %u by %llu MiB", tr->minor, tr->ae_step);
+		} else {
+			LOG_DEBUG("auto-expand of minor %u refused: not enough free space", tr->minor);
+		}
+	}
+	clear_bit(0, &tr->ae_running);
+	wake_up_all(&tr->ae_wait);
+	mutex_unlock(&dbd_ctl_mutex);
+	dbd_tracer_put(tr);
+}
+
+/* start an expansion if configured; false when auto-expand is off */
+static bool dbd_ae_request(struct dbd_tracer *tr)
+{
+	if (!READ_ONCE(tr->ae_set) || !READ_ONCE(tr->ae_step))
+		return false;
+	if (!test_and_set_bit(0, &tr->ae_running)) {
+		kref_get(&tr->ref);
+		if (!queue_work(dbd_wq, &tr->ae_work)) {
+			clear_bit(0, &tr->ae_running);
+			dbd_tracer_put(tr);
+		}
+	}
+	return true;
+}
+
+static struct dbd_tracer *dbd_tracer_alloc(unsigned int minor)
+{
+	struct dbd_tracer *tr = kzalloc(sizeof(*tr), GFP_KERNEL);
+
+	if (!tr)
+		return NULL;
+	tr->minor = minor;
+	kref_init(&tr->ref);
+	atomic_set(&tr->error, 0);
+	atomic_set(&tr->open_count, 0);
+	spin_lock_init(&tr->qlock);
+	bio_list_init(&tr->writes);
+	bio_list_init(&tr->reads);
+	init_waitqueue_head(&tr->qwait);
+	spin_lock_init(&tr->rlock);
+	INIT_LIST_HEAD(&tr->rtrack);
+	init_waitqueue_head(&tr->rwait);
+	INIT_WORK(&tr->fail_work, dbd_fail_work);
+	INIT_WORK(&tr->ae_work, dbd_ae_work);
+	init_waitqueue_head(&tr->ae_wait);
+	return tr;
+}
+
+static int dbd_get(unsigned int minor, bool busy_check, struct dbd_tracer **out)
+{
+	struct dbd_tracer *tr;
+
+	if (minor >= dbd_max_minors)
+		return -EINVAL;
+	tr = dbd_minors[minor];
+	if (!tr)
+		return -ENOENT;
+	if (busy_check && dbd_tracer_busy(tr))
+		return -EBUSY;
+	*out = tr;
+	return 0;
+}
+
+static int dbd_check_free(unsigned int minor)
+{
+	if (minor >= dbd_max_minors)
+		return -EINVAL;
+	if (dbd_minors[minor])
+		return -EBUSY;
+	return 0;
+}
+
+static bool dbd_writable_mounted(struct block_device *bdev)
+{
+	struct super_block *sb = dbd_bdev_super(bdev);
+
+	return sb && !sb_rdonly(sb);
+}
+
+static int dbd_canonical_path(const char *in, char **out)
+{
+	struct path p;
+	char *buf, *s;
+	int err;
+
+	err = kern_path(in, LOOKUP_FOLLOW, &p);
+	if (err)
+		return err;
+	buf = kmalloc(PATH_MAX, GFP_KERNEL);
+	if (!buf) {
+		path_put(&p);
+		return -ENOMEM;
+	}
+	s = d_path(&p, buf, PATH_MAX);
+	path_put(&p);
+	if (IS_ERR(s)) {
+		kfree(buf);
+		return PTR_ERR(s);
+	}
+	*out = kstrdup(s, GFP_KERNEL);
+	kfree(buf);
+	return *out ? 0 : -ENOMEM;
+}
+
+/* ---- worker --------------------------------------------------------------- */
+#define DBD_CHUNK 256	/* blocks preserved per round trip (1 MiB) */
+
+struct dbd_wctx {
+	struct page *pages[DBD_CHUNK];
+	u64 blks[DBD_CHUNK];
+	unsigned int n;
+};
+
+static int cmp_u64(const void *a, const void *b)
+{
+	u64 x = *(const u64 *)a, y = *(const u64 *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/*
+ * Preserve ctx->blks (all marked PENDING): read the old data from the
+ * origin, write it to fresh slots of the COW file, wait, then publish the
+ * index entries.  Only after this returns are the original writes released,
+ * so every COW write has *completed* before the overwriting write is even
+ * submitted.  That also keeps FLUSH/FUA semantics: a flush/FUA write that
+ * follows can only be submitted after the data it may overwrite was copied,
+ * and the COW data lives on the same device, so a later flush covers it.
+ */
+static int dbd_preserve(struct dbd_tracer *tr, struct cow_store *c, struct dbd_wctx *x)
+{
+	struct dbd_io io;
+	struct dbd_bb bb;
+	unsigned int i, n = x->n;
+	u64 fpos;
+	int err = 0;
+
+	if (!n)
+		return 0;
+	x->n = 0;
+	sort(x->blks, n, sizeof(u64), cmp_u64, NULL);
+
+	mutex_lock(&c->ext_mutex);
+	fpos = c->fpos;
+	/* a slot occupies [fpos*4096, fpos*4096+4096): it must fit within fsize */
+	while ((fpos + n) * COW_BLOCK > c->fsize) {
+		u64 old = c->fsize;
+
+		if (!dbd_ae_request(tr)) {
+			LOG_DEBUG("cow file of minor %u full (fpos %llu, %u blocks, fsize %llu)",
+				  tr->minor, fpos, n, c->fsize);
+			err = -EFBIG;
+			goto out;
+		}
+		mutex_unlock(&c->ext_mutex);
+		wait_event_timeout(tr->ae_wait, !test_bit(0, &tr->ae_running) || READ_ONCE(tr->dead),
+				   DBD_AE_WAIT);
+		mutex_lock(&c->ext_mutex);
+		if (c->fsize == old) {
+			LOG_DEBUG("cow file of minor %u full, auto-expand did not help", tr->minor);
+			err = -EFBIG;
+			goto out;
+		}
+	}
+	if (c->fsize - (fpos + n) * COW_BLOCK <
+	    min(max(DBD_AE_MARGIN, (READ_ONCE(tr->ae_step) << 20) / 2), c->fsize / 2))
+		dbd_ae_request(tr);	/* expand ahead of time, don't wait */
+	dbd_io_init(&io);
+	dbd_bb_init(&bb, tr->bdev, REQ_OP_READ, &io);
+	for (i = 0; i < n; i++)
+		dbd_bb_add(&bb, x->blks[i] * COW_BLOCK_SECTS, x->pages[i], PAGE_SIZE, 0);
+	dbd_bb_submit(&bb);
+	err = dbd_io_wait(&io);
+	if (err)
+		goto out;
+
+	dbd_io_init(&io);
+	dbd_bb_init(&bb, tr->bdev, REQ_OP_WRITE, &io);
+	for (i = 0; i < n && !err; i++)
+		err = cow_bb_add_file(c, &bb, (fpos + i) * COW_BLOCK, x->pages[i], 0, PAGE_SIZE);
+	dbd_bb_submit(&bb);
+	{
+		int e = dbd_io_wait(&io);
+
+		if (!err)
+			err = e;
+	}
+	if (err)
+		goto out;
+	c->fpos = fpos + n;
+	for (i = 0; i < n; i++) {
+		cow_entry_set(c, x->blks[i], fpos + i);	/* section exists (PENDING) */
+		if (c->version >= 1)
+			atomic64_inc(&c->nr_changed);
+	}
+out:
+	mutex_unlock(&c->ext_mutex);
+	if (err)
+		for (i = 0; i < n; i++)
+			cow_entry_set(c, x->blks[i], 0);
+	return err;
+}
+
+static void dbd_bio_blocks(struct dbd_tracer *tr, struct bio *bio, u64 *b0, u64 *b1)
+{
+	dbd_snap_write_blocks(tr, dbd_bio_rel_sector(bio, tr->bdev), bio_sectors(bio), b0, b1);
+}
+
+static void dbd_release_write(struct dbd_tracer *tr, struct bio *bio, bool wait_reads)
+{
+	if (wait_reads) {
+		u64 b0, b1;
+
+		dbd_bio_blocks(tr, bio, &b0, &b1);
+		/* never let a write overtake a snapshot read of the old data */
+		wait_event(tr->rwait, !dbd_rtrack_overlaps(tr, b0, b1));
+	}
+	submit_bio_noacct(bio);
+}
+
+static void dbd_process_writes(struct dbd_tracer *tr, struct bio_list *in, struct dbd_wctx *x)
+{
+	struct cow_store *c = tr->cow;
+	struct bio_list held;
+	struct bio *bio;
+	int err = 0;
+
+	bio_list_init(&held);
+	while ((bio = bio_list_pop(in))) {
+		u64 b0, b1, b;
+
+		if (err || dbd_tracer_error(tr) || READ_ONCE(tr->hook_mode) == DBD_HOOK_PASS || !c) {
+			bio_list_add(&held, bio);
+			continue;
+		}
+		dbd_bio_blocks(tr, bio, &b0, &b1);
+		for (b = b0; b <= b1 && b < tr->nblocks && !err; b++) {
+			if (cow_entry_get(c, b))
+				continue;	/* preserved, or pending in this batch */
+			err = cow_entry_set(c, b, COW_PENDING);
+			if (err)
+				break;
+			x->blks[x->n++] = b;
+			if (x->n == DBD_CHUNK)
+				err = dbd_preserve(tr, c, x);
+		}
+		bio_list_add(&held, bio);
+	}
+	if (!err && x->n)
+		err = dbd_preserve(tr, c, x);
+	if (err) {
+		unsigned int i;
+
+		for (i = 0; i < x->n; i++)
+			cow_entry_set(c, x->blks[i], 0);
+		x->n = 0;
+		dbd_tracer_fail(tr, err);
+	}
+	err = dbd_tracer_error(tr);
+	while ((bio = bio_list_pop(&held)))
+		dbd_release_write(tr, bio, !err);
+}
+
+static int dbd_worker(void *data)
+{
+	struct dbd_tracer *tr = data;
+	struct dbd_wctx *x = kzalloc(sizeof(*x), GFP_KERNEL);
+	unsigned int i;
+
+	for (i = 0; x && i < DBD_CHUNK; i++) {
+		x->pages[i] = alloc_page(GFP_KERNEL);
+		if (!x->pages[i])
+			break;
+	}
+	if (!x || i < DBD_CHUNK)
+		dbd_tracer_fail(tr, -ENOMEM);
+
+	for (;;) {
+		struct bio_list w, r;
+		struct bio *bio;
+		bool stop;
+
+		wait_event_interruptible(tr->qwait, kthread_should_stop() ||
+					 !bio_list_empty(&tr->writes) ||
+					 !bio_list_empty(&tr->reads));
+		stop = kthread_should_stop();
+		spin_lock_irq(&tr->qlock);
+		w = tr->writes;
+		r = tr->reads;
+		bio_list_init(&tr->writes);
+		bio_list_init(&tr->reads);
+		spin_unlock_irq(&tr->qlock);
+		if (bio_list_empty(&w) && bio_list_empty(&r)) {
+			if (stop)
+				break;
+			continue;
+		}
+		if (x && i == DBD_CHUNK) {
+			dbd_process_writes(tr, &w, x);
+		} else {
+			while ((bio = bio_list_pop(&w)))
+				submit_bio_noacct(bio);
+		}
+		while ((bio = bio_list_pop(&r)))
+			dbd_snapdev_process_read(tr, bio);
+	}
+	if (x) {
+		while (i--)
+			__free_page(x->pages[i]);
+		kfree(x);
+	}
+	return 0;
+}
+
+int dbd_start_worker(struct dbd_tracer *tr, bool snap)
+{
+	struct task_struct *t;
+
+	if (snap)
+		t = kthread_run(dbd_worker, tr, "datto_snap_cow%u", tr->minor);
+	else
+		t = kthread_run(dbd_worker, tr, "datto_inc%u", tr->minor);
+	if (IS_ERR(t))
+		return PTR_ERR(t);
+	get_task_struct(t);
+	tr->worker = t;
+	return 0;
+}
+
+void dbd_stop_worker(struct dbd_tracer *tr)
+{
+	if (!tr->worker)
+		return;
+	kthread_stop(tr->worker);
+	put_task_struct(tr->worker);
+	tr->worker = NULL;
+}
+
+/* ---- operations ----------------------------------------------------------- */
+static u64 dbd_default_fsize(struct dbd_tracer *tr)
+{
+	return div_u64((u64)tr->nr_sects * 512 * dbd_cow_fallocate_percentage_default, 100);
+}
+
+static int dbd_install_snapshot(struct dbd_tracer *tr)
+{
+	struct dbd_freeze fz;
+	int err;
+
+	err = dbd_freeze(tr->bdev, &fz);
+	if (err) {
+		LOG_ERROR(err, "error freezing block device");
+		return err;
+	}
+	tr->hook_mode = DBD_HOOK_SNAP;
+	err = dbd_hook_add(tr);
+	dbd_thaw(tr->bdev, &fz);
+	return err;
+}
+
+static void dbd_teardown(struct dbd_tracer *tr)
+{
+	WRITE_ONCE(tr->dead, true);
+	wake_up_all(&tr->ae_wait);
+	if (tr->hooked) {
+		struct dbd_freeze fz = { 0 };
+		bool fs = tr->bdev && dbd_bdev_super(tr->bdev);
+
+		if (fs && dbd_freeze(tr->bdev, &fz))
+			LOG_WARN("could not freeze the filesystem while removing tracking");
+		dbd_hook_del(tr);
+		dbd_thaw(tr->bdev, &fz);
+	}
+	dbd_snapdev_destroy(tr);
+	dbd_stop_worker(tr);
+	WRITE_ONCE(tr->cow_mapping, NULL);
+	if (tr->cow) {
+		cow_close(tr->cow, true);	/* only active tracers hold an open file */
+		cow_free(tr->cow);
+		tr->cow = NULL;
+	}
+	kvfree(tr->changed);
+	tr->changed = NULL;
+	dbd_bdev_close(&tr->bh);
+	tr->bdev = NULL;
+}
+
+int dbd_setup_snap(unsigned int minor, const char *bdev_path, const char *cow_path,
+		   unsigned long falloc_mib, unsigned long cache_size)
+{
+	struct dbd_tracer *tr;
+	unsigned int i;
+	u64 fsize, rec_mib;
+	u8 uuid[16];
+	int err;
+
+	err = dbd_check_free(minor);
+	if (err)
+		return err;
+	tr = dbd_tracer_alloc(minor);
+	if (!tr)
+		return -ENOMEM;
+	err = dbd_bdev_open(bdev_path, &tr->bh);
+	if (err) {
+		LOG_ERROR(err, "error opening block device '%s'", bdev_path);
+		goto fail;
+	}
+	tr->bdev = tr->bh.bdev;
+	if (!dbd_writable_mounted(tr->bdev)) {
+		err = -EINVAL;
+		LOG_ERROR(err, "block device '%s' is not mounted writable", bdev_path);
+		goto fail;
+	}
+	for (i = 0; i < dbd_max_minors; i++) {
+		struct dbd_tracer *o = dbd_minors[i];
+
+		if (o && !(o->state & DBD_STATE_UNVERIFIED) && o->bdev == tr->bdev) {
+			err = -EINVAL;
+			LOG_ERROR(err, "block device already traced by minor %u", i);
+			goto fail;
+		}
+	}
+	err = dbd_canonical_path(bdev_path, &tr->bdev_path);
+	if (err)
+		goto fail;
+	tr->nr_sects = dbd_bdev_nr_sectors(tr->bdev);
+	tr->nblocks = tr->nr_sects / COW_BLOCK_SECTS;
+	tr->cache_size = cache_size;
+
+	if (!falloc_mib) {
+		fsize = dbd_default_fsize(tr);
+		rec_mib = fsize >> 20;
+	} else {
+		fsize = (u64)falloc_mib << 20;
+		rec_mib = falloc_mib;
+	}
+	generate_random_uuid(uuid);
+	tr->cow = cow_create(tr->bdev, tr->nr_sects, cow_path, fsize, rec_mib, 1, uuid, &err);
+	if (!tr->cow)
+		goto fail;
+	err = cow_path_in_fs(tr->cow->filp, &tr->cow_path);
+	if (err)
+		goto fail_cow;
+	err = dbd_snapdev_create(tr);
+	if (err)
+		goto fail_cow;
+	err = dbd_start_worker(tr, true);
+	if (err)
+		goto fail_cow;
+	WRITE_ONCE(tr->cow_mapping, tr->cow->filp->f_mapping);
+	err = dbd_install_snapshot(tr);
+	if (err)
+		goto fail_cow;
+	err = dbd_snapdev_add(tr);
+	if (err)
+		goto fail_cow;
+	tr->state = DBD_STATE_SNAPSHOT | DBD_STATE_ACTIVE;
+	dbd_minors[minor] = tr;
+	LOG_DEBUG("setup snapshot minor %u on %s, cow %s", minor, tr->bdev_path, tr->cow_path);
+	return 0;
+
+fail_cow:
+	dbd_teardown(tr);	/* deletes the new cow file */
+	dbd_tracer_put(tr);
+	return err;
+fail:
+	dbd_teardown(tr);
+	dbd_tracer_put(tr);
+	return err;
+}
+
+int dbd_reload(unsigned int minor, const char *bdev_path, const char *cow_path,
+	       unsigned long cache_size, bool snap)
+{
+	struct dbd_tracer *tr;
+	struct dbd_bdev bh = { 0 };
+	int err;
+
+	err = dbd_check_free(minor);
+	if (err)
+		return err;
+	err = dbd_bdev_open(bdev_path, &bh);
+	if (err) {
+		LOG_ERROR(err, "error opening block device '%s'", bdev_path);
+		return err;
+	}
+	if (dbd_writable_mounted(bh.bdev)) {
+		dbd_bdev_close(&bh);
+		LOG_ERROR(-EINVAL, "reload: block device '%s' is already mounted writable", bdev_path);
+		return -EINVAL;
+	}
+	dbd_bdev_close(&bh);
+	tr = dbd_tracer_alloc(minor);
+	if (!tr)
+		return -ENOMEM;
+	tr->bdev_path = kstrdup(bdev_path, GFP_KERNEL);
+	tr->cow_path = kstrdup(cow_path, GFP_KERNEL);
+	if (!tr->bdev_path || !tr->cow_path) {
+		dbd_tracer_put(tr);
+		return -ENOMEM;
+	}
+	tr->cache_size = cache_size;
+	tr->state = DBD_STATE_UNVERIFIED | (snap ? DBD_STATE_SNAPSHOT : 0);
+	dbd_minors[minor] = tr;
+	return 0;
+}
+
+int dbd_destroy(unsigned int minor)
+{
+	struct dbd_tracer *tr;
+	int err = dbd_get(minor, true, &tr);
+
+	if (err)
+		return err;
+	dbd_teardown(tr);
+	dbd_minors[minor] = NULL;
+	dbd_tracer_put(tr);
+	LOG_DEBUG("destroyed minor %u", minor);
+	return 0;
+}
+
+void dbd_destroy_all(void)
+{
+	unsigned int i;
+
+	mutex_lock(&dbd_ctl_mutex);
+	for (i = 0; i < dbd_max_minors; i++) {
+		struct dbd_tracer *tr = dbd_minors[i];
+
+		if (!tr)
+			continue;
+		dbd_teardown(tr);
+		dbd_minors[i] = NULL;
+		dbd_tracer_put(tr);
+	}
+	mutex_unlock(&dbd_ctl_mutex);
+}
+
+static u64 dbd_count_changed(struct dbd_tracer *tr)
+{
+	struct cow_store *c = tr->cow;
+	u64 b, n = 0;
+
+	for (b = 0; b < c->nblocks; b++) {
+		if (cow_entry_get(c, b) || (tr->changed && test_bit(b, tr->changed)))
+			n++;
+		if (!(b & 0xffff))
+			cond_resched();
+	}
+	return n;
+}
+
+int dbd_transition_inc(unsigned int minor)
+{
+	struct dbd_tracer *tr;
+	struct dbd_freeze fz;
+	unsigned long *map;
+	int err = dbd_get(minor, true, &tr);
+
+	if (err)
+		return err;
+	if (dbd_tracer_error(tr) || tr->state != (DBD_STATE_SNAPSHOT | DBD_STATE_ACTIVE))
+		return -EINVAL;
+	map = kvzalloc(BITS_TO_LONGS(tr->nblocks + 1) * sizeof(long), GFP_KERNEL);
+	if (!map)
+		return -ENOMEM;
+	err = dbd_freeze(tr->bdev, &fz);
+	if (err) {
+		kvfree(map);
+		LOG_ERROR(err, "error freezing block device");
+		return err;
+	}
+	dbd_snapdev_destroy(tr);
+	WRITE_ONCE(tr->changed, map);
+	dbd_hook_set_mode(tr, DBD_HOOK_INC);
+	/* the old worker finishes its queued COW work */
+	dbd_stop_worker(tr);
+	cow_mark_data_blocks(tr->cow, map, tr->nblocks);
+	if (tr->cow->version >= 1)
+		atomic64_set(&tr->cow->nr_changed, dbd_count_changed(tr));
+	dbd_thaw(tr->bdev, &fz);
+
+	err = dbd_tracer_error(tr);
+	if (!err)
+		cow_truncate_to_index(tr->cow);
+	else
+		tr->cow->flags |= COW_INDEX_ONLY;
+	tr->ae_set = false;
+	tr->state = DBD_STATE_ACTIVE;
+	{
+		int e = dbd_start_worker(tr, false);
+
+		if (e && !err)
+			err = e;
+	}
+	LOG_DEBUG("minor %u transitioned to incremental: %d", minor, err);
+	return err;
+}
+
+int dbd_transition_snap(unsigned int minor, const char *cow_path, unsigned long falloc_mib)
+{
+	struct dbd_tracer *tr;
+	struct cow_store *oldc, *newc;
+	unsigned long *oldmap;
+	struct dbd_freeze fz;
+	u64 fsize, rec_mib;
+	char *newpath = NULL;
+	int err = dbd_get(minor, true, &tr);
+
+	if (err)
+		return err;
+	if (dbd_tracer_error(tr) || tr->state != DBD_STATE_ACTIVE)
+		return -EINVAL;
+	oldc = tr->cow;
+	if (falloc_mib) {
+		fsize = (u64)falloc_mib << 20;
+		rec_mib = falloc_mib;
+	} else if (oldc->falloc_mib) {
+		rec_mib = oldc->falloc_mib;
+		fsize = rec_mib << 20;
+	} else {
+		fsize = dbd_default_fsize(tr);
+		rec_mib = fsize >> 20;
+	}
+	if (!falloc_mib) {
+		/* never inherit a size that cannot even hold the index (upstream defect 6) */
+		u64 min = COW_BLOCK + DIV_ROUND_UP(max_t(u64, tr->nblocks, 1), COW_SECT_ENTRIES) *
+			  COW_SECT_BYTES + (1ULL << 20);
+
+		if (fsize < min) {
+			fsize = round_up(min, 1ULL << 20);
+			rec_mib = fsize >> 20;
+		}
+	}
+	newc = cow_create(tr->bdev, tr->nr_sects, cow_path, fsize, rec_mib, oldc->seqid + 1,
+			  oldc->uuid, &err);
+	if (!newc)
+		return err;
+	err = cow_path_in_fs(newc->filp, &newpath);
+	if (err)
+		goto fail_new;
+	err = dbd_snapdev_create(tr);
+	if (err)
+		goto fail_new;
+	dbd_stop_worker(tr);	/* the incremental worker has nothing queued */
+	err = dbd_start_worker(tr, true);
+	if (err)
+		goto fail_disk;
+	err = dbd_freeze(tr->bdev, &fz);
+	if (err) {
+		LOG_ERROR(err, "error freezing block device");
+		goto fail_worker;
+	}
+	oldmap = tr->changed;
+	WRITE_ONCE(tr->cow_mapping, newc->filp->f_mapping);
+	WRITE_ONCE(tr->cow, newc);
+	WRITE_ONCE(tr->changed, NULL);
+	dbd_hook_set_mode(tr, DBD_HOOK_SNAP);
+	dbd_thaw(tr->bdev, &fz);
+	dbd_hook_sync();
+
+	kfree(tr->cow_path);
+	tr->cow_path = newpath;
+	tr->state = DBD_STATE_SNAPSHOT | DBD_STATE_ACTIVE;
+	err = dbd_snapdev_add(tr);
+	if (err)
+		LOG_ERROR(err, "error adding snapshot disk");
+
+	/*
+	 * Finalize the old file for update-img.  Its blocks now belong to the
+	 * new snapshot, so these writes go through copy-on-write.
+	 */
+	{
+		int e = cow_finalize(oldc, COW_CLEAN | COW_INDEX_ONLY, oldmap, true);
+
+		if (e)
+			LOG_ERROR(e, "error finalizing previous cow file (ignored)");
+	}
+	cow_close(oldc, false);
+	cow_free(oldc);
+	kvfree(oldmap);
+	LOG_DEBUG("minor %u transitioned to snapshot, cow %s", minor, tr->cow_path);
+	return err;
+
+fail_worker:
+	dbd_stop_worker(tr);
+	dbd_start_worker(tr, false);
+fail_disk:
+	dbd_snapdev_destroy(tr);
+fail_new:
+	kfree(newpath);
+	cow_close(newc, true);
+	cow_free(newc);
+	return err;
+}
+
+int dbd_reconfigure(unsigned int minor, unsigned long cache_size)
+{
+	struct dbd_tracer *tr;
+	int err = dbd_get(minor, true, &tr);
+
+	if (err)
+		return err;
+	if (dbd_tracer_error(tr))
+		return -EINVAL;
+	tr->cache_size = cache_size;
+	return 0;
+}
+
+int dbd_expand(unsigned int minor, u64 size_mib)
+{
+	struct dbd_tracer *tr;
+	int err = dbd_get(minor, false, &tr);
+
+	if (err)
+		return err;
+	if (dbd_tracer_error(tr) || tr->state != (DBD_STATE_SNAPSHOT | DBD_STATE_ACTIVE) ||
+	    !tr->cow || !tr->cow->filp)
+		return -EINVAL;
+	err = cow_expand(tr, tr->cow, size_mib << 20);
+	if (err) {
+		LOG_ERROR(err, "error expanding cow file");
+		dbd_tracer_fail(tr, err);
+	}
+	return err;
+}
+
+int dbd_auto_expand(unsigned int minor, u64 step, u64 reserved)
+{
+	struct dbd_tracer *tr;
+	int err = dbd_get(minor, false, &tr);
+
+	if (err)
+		return err;
+	if (dbd_tracer_error(tr) || tr->state != (DBD_STATE_SNAPSHOT | DBD_STATE_ACTIVE))
+		return -EINVAL;
+	tr->ae_set = true;
+	tr->ae_step = step;
+	tr->ae_reserved = reserved;
+	return 0;
+}
+
+void dbd_fill_info(struct dbd_tracer *tr, struct dattobd_info *info)
+{
+	info->minor = tr->minor;
+	info->state = tr->state;
+	info->error = dbd_tracer_error(tr);
+	info->cache_size = dbd_cache_size(tr);
+	strscpy(info->cow, tr->cow_path ? tr->cow_path : "", PATH_MAX);
+	strscpy(info->bdev, tr->bdev_path ? tr->bdev_path : "", PATH_MAX);
+	if (!(tr->state & DBD_STATE_UNVERIFIED) && tr->cow) {
+		info->falloc_size = tr->cow->fsize;
+		info->seqid = tr->cow->seqid;
+		memcpy(info->uuid, tr->cow->uuid, 16);
+		info->version = tr->cow->version;
+		info->nr_changed_blocks = atomic64_read(&tr->cow->nr_changed);
+	} else {
+		info->falloc_size = 0;
+		info->seqid = 0;
+		memset(info->uuid, 0, 16);
+	}
+}

@@ -1,0 +1,100 @@
+"""Guest-side helpers for module tests: run pydbd (dbdctl, update-img, ioctls) inside a guest.
+
+pydbd reaches the guest through the read-only checkout share at /src; these helpers run it with
+`PYTHONPATH=/src` so errno values come back intact through Guest.py().
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from harness.guest import CommandResult, Guest
+
+PY = "PYTHONPATH=/src python3"
+DBDCTL = f"{PY} -m pydbd.dbdctl"
+UPDATE_IMG = f"{PY} -m pydbd.updateimg"
+COW_INFO = f"{PY} -m pydbd.dbdctl cow-info"
+
+
+def install_tools(guest: Guest) -> None:
+    """Put `dbdctl` and `update-img` wrappers on the guest's PATH, as an installed pydbd would."""
+    guest.check(
+        "for t in dbdctl:pydbd.dbdctl update-img:pydbd.updateimg; do "
+        'n=${t%%:*}; m=${t#*:}; printf \'#!/bin/sh\\nPYTHONPATH=/src exec python3 -m %s "$@"\\n\' "$m" '
+        "> /usr/local/bin/$n; chmod +x /usr/local/bin/$n; done"
+    )
+
+
+def dbdctl(guest: Guest, args: str, timeout: float = 120) -> CommandResult:
+    return guest.run(f"{DBDCTL} {args}", timeout=timeout)
+
+
+def ctl(guest: Guest, method: str, *args: Any) -> int:
+    """Call one pydbd.control.Control method in the guest; returns 0 or the errno it failed with."""
+    code = (
+        "from pydbd.control import Control\n"
+        f"args = {json.dumps(list(args))}\n"
+        "try:\n"
+        "    with Control() as c:\n"
+        f"        getattr(c, {method!r})(*args)\n"
+        "    result = 0\n"
+        "except OSError as e:\n"
+        "    result = e.errno\n"
+    )
+    rc = guest.py(code)
+    assert isinstance(rc, int)
+    return rc
+
+
+@dataclass(frozen=True)
+class Info:
+    minor: int
+    state: int
+    error: int
+    cache_size: int
+    falloc_size: int
+    seqid: int
+    uuid: str
+    cow: str
+    bdev: str
+    version: int
+    nr_changed_blocks: int
+
+
+def info(guest: Guest, minor: int) -> Info:
+    code = (
+        "from pydbd.control import Control\n"
+        "with Control() as c:\n"
+        f"    i = c.info({minor})\n"
+        "result = dict(minor=i.minor, state=i.state, error=i.error, cache_size=i.cache_size,\n"
+        "    falloc_size=i.falloc_size, seqid=i.seqid, uuid=i.uuid_hex, cow=i.cow, bdev=i.bdev,\n"
+        "    version=i.version, nr_changed_blocks=i.nr_changed_blocks)\n"
+    )
+    return Info(**guest.py(code))
+
+
+def proc_devices(guest: Guest) -> list[dict[str, Any]]:
+    """/proc/datto-info parsed by pydbd in the guest, one dict per device."""
+    code = (
+        "from pydbd.procinfo import read_proc_info\n"
+        "result = [d.to_dict() for d in read_proc_info().devices]\n"
+    )
+    devices = guest.py(code)
+    assert isinstance(devices, list)
+    return devices
+
+
+def sha256(guest: Guest, path: str) -> str:
+    return guest.check(f"sha256sum {path}", timeout=300).stdout.split()[0]
+
+
+def write_file(guest: Guest, path: str, mib: int, seed: str) -> None:
+    """Write `mib` MiB of deterministic, seed-dependent data and fsync it."""
+    guest.check(
+        f"python3 -c \"import hashlib,os,sys; f=open('{path}','wb'); "
+        f"[f.write(hashlib.sha256(b'{seed}%d' % i).digest()*128) for i in range({mib}*256)]; "
+        'f.flush(); os.fsync(f.fileno())"',
+        timeout=300,
+    )
