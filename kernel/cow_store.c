@@ -161,6 +161,22 @@ void cow_mark_data_blocks(struct cow_store *c, unsigned long *map, u64 nblocks)
 	unsigned int k;
 
 	mutex_lock(&c->ext_mutex);
+	/*
+	 * Areas added by expand were written with zeros beneath the snapshot;
+	 * the snapshot's view of them changed at that moment, so report them
+	 * all as changed (keeps update-img chains byte-exact).
+	 */
+	for (k = 0; k < c->n_ext; k++) {
+		struct dbd_extent *e = &c->ext[k];
+		u64 fs, first = c->init_len >> 9;
+
+		for (fs = max(e->fsect, first); fs < e->fsect + e->nr; fs++) {
+			u64 b = (e->dsect + (fs - e->fsect)) / COW_BLOCK_SECTS;
+
+			if (b < nblocks)
+				set_bit(b, map);
+		}
+	}
 	for (slot = c->first_data_block; slot < c->fpos; slot++) {
 		for (k = 0; k < COW_BLOCK_SECTS; k++) {
 			struct dbd_extent *e = ext_find(c->ext, c->n_ext, slot * COW_BLOCK_SECTS + k);
@@ -474,6 +490,7 @@ struct cow_store *cow_create(struct block_device *bdev, sector_t nr_sects, const
 	c->falloc_mib = falloc_mib;
 	atomic64_set(&c->nr_changed, 0);
 	c->alloc_len = round_up(max(fsize, c->data_offset), COW_BLOCK);
+	c->init_len = c->alloc_len;
 	c->sections = kvcalloc(c->nsect, sizeof(u64 *), GFP_KERNEL);
 	c->hdr0 = kzalloc(COW_BLOCK, GFP_KERNEL);
 	if (!c->sections || !c->hdr0) {

@@ -59,6 +59,7 @@ struct cow_store {
 	struct block_device *bdev;
 	u64 nblocks, nsect, data_offset, first_data_block;
 	u64 fpos, fsize, alloc_len;
+	u64 init_len;		/* alloc_len at creation; beyond it: expanded */
 	u64 seqid, version;
 	u8 uuid[16];
 	atomic64_t nr_changed;

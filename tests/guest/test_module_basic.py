@@ -113,7 +113,9 @@ def test_backup_cycle_update_img(module_guest: Guest, ext4_volume: Volume) -> No
     assert changed_inc >= 2560, "at least the 10 MiB written must be marked"
     assert dbdctl(g, "transition-to-snapshot /mnt/vol/.datto1 0").rc == 0
     i2 = info(g, 0)
-    assert (i2.state, i2.seqid, i2.uuid, i2.nr_changed_blocks) == (3, 2, i.uuid, 0)
+    assert (i2.state, i2.seqid, i2.uuid) == (3, 2, i.uuid)
+    # The new file starts at 0; only writes since the transition (ext4's lazy init, the journal) count.
+    assert i2.nr_changed_blocks < changed_inc
     # The finished COW file is clean, index-only and valid for the device size.
     sectors = g.check(f"blockdev --getsz {vol.device}").stdout.strip()
     r = g.run(f"dbdctl cow-info --sectors {sectors} {COW}")
@@ -175,7 +177,8 @@ def test_proc_matches_info_in_each_state(module_guest: Guest, ext4_volume: Volum
         assert d["minor"] == 2 and d["state"] == expected_state == i.state
         assert d["cow_file"] == i.cow and d["block_device"] == i.bdev
         assert d["seq_id"] == i.seqid and d["uuid"] == i.uuid
-        assert d["nr_changed_blocks"] == i.nr_changed_blocks
+        # Background writes (ext4 lazy init) may land between the two reads, never backwards.
+        assert d["nr_changed_blocks"] >= i.nr_changed_blocks
         assert d["cow_size_current"] == i.falloc_size
         if expected_state == 3 and i.seqid == 1:
             assert d["fallocate"] == 40 * 1024 * 1024 and d["max_cache"] == 8388608
@@ -209,10 +212,17 @@ def test_xfs_snapshot(module_guest: Guest, xfs_volume: Volume) -> None:
     before = sha256(g, "/mnt/vol/a")
     _setup(g, vol)
     write_file(g, "/mnt/vol/a", 8, "after")
-    g.check("mkdir -p /mnt/snap && mount -o ro,norecovery /dev/datto0 /mnt/snap")
+    g.check("mkdir -p /mnt/snap && mount -o ro,norecovery,nouuid /dev/datto0 /mnt/snap")
     assert sha256(g, "/mnt/snap/a") == before
     g.check("umount /mnt/snap")
-    g.check("xfs_repair -n /dev/datto0", timeout=300)
+    # An XFS freeze leaves the log uncovered, so the snapshot (like upstream's) needs its log replayed
+    # before a read-only check: replay it on a copy, then the copy must check clean.
+    g.check(
+        "modprobe loop && dd if=/dev/datto0 of=/root/snap.img bs=1M status=none && "
+        "dev=$(losetup -f --show /root/snap.img) && mount -o nouuid $dev /mnt/snap && umount /mnt/snap && "
+        "xfs_repair -n $dev && losetup -d $dev",
+        timeout=300,
+    )
     assert dbdctl(g, "destroy 0").rc == 0
 
 
