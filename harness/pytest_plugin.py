@@ -85,6 +85,18 @@ def pytest_runtest_makereport(
     return rep
 
 
+def default_smp() -> int:
+    """vCPUs per guest: 2 alone, 1 when pytest-xdist runs guests side by side.
+
+    Two TCG guests of two vCPUs each on a 2-core host starve one vCPU thread for seconds, which the
+    guest kernel reports as an RCU stall (a real finding that fails the test). A test that needs
+    SMP races asks for it with guest_config(smp=2); DBD_SMP overrides the default.
+    """
+    if os.environ.get("DBD_SMP"):
+        return int(os.environ["DBD_SMP"])
+    return 1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2
+
+
 @pytest.fixture(scope="session")
 def target(request: pytest.FixtureRequest) -> str:
     """The kernel target of this test instance (parametrized from --kernel)."""
@@ -108,6 +120,7 @@ def guest(request: pytest.FixtureRequest, target: str, rootfs: str) -> Iterator[
     marker = request.node.get_closest_marker("guest_config")
     kwargs: dict[str, Any] = {"disks": DEFAULT_DISKS, **(marker.kwargs if marker else {})}
     kwargs.setdefault("module", False)
+    kwargs.setdefault("smp", default_smp())
     g = Guest(target=target, rootfs=rootfs, name=request.node.nodeid, **kwargs)
     try:
         g.boot()

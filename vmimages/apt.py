@@ -44,8 +44,16 @@ class SuiteSources:
 
 def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
     """Run a command; on failure raise with its combined output."""
-    p = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True, errors="replace", check=False)
+    p = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        check=False,
+    )
     if p.returncode != 0:
         raise AptError(f"command failed (rc={p.returncode}): {' '.join(cmd)}\n{p.stdout[-8000:]}")
     return p.stdout
@@ -86,8 +94,11 @@ class PrivateApt:
         return out
 
     def _mkdirs(self) -> None:
-        for d in (self.state / "lists" / "partial", self.cachedir / "archives" / "partial",
-                  self.dir / "preferences.d"):
+        for d in (
+            self.state / "lists" / "partial",
+            self.cachedir / "archives" / "partial",
+            self.dir / "preferences.d",
+        ):
             d.mkdir(parents=True, exist_ok=True)
         if not self.status.exists():
             self.status.touch()
@@ -147,8 +158,10 @@ class PrivateApt:
             try:
                 run(["apt-get", *self.options(), "-q", "download", *pins], cwd=dest)
             except AptError as e:
-                raise AptError(f"{e}\nIf a pinned version left the archive, refresh the pins with "
-                               "`python -m vmimages pin` (see vmimages/matrix.toml).") from None
+                raise AptError(
+                    f"{e}\nIf a pinned version left the archive, refresh the pins with "
+                    "`python -m vmimages pin` (see vmimages/matrix.toml)."
+                ) from None
         return sorted(dest.glob("*.deb"))
 
 

@@ -59,9 +59,22 @@ def _is_build_output(name: str) -> bool:
 def _git_files(root: Path) -> list[Path] | None:
     """Files under root that git tracks or would track (.gitignore respected); None if not in git."""
     try:
-        p = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others",
-                            "--exclude-standard", "--", "."],
-                           capture_output=True, check=False)
+        p = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(root),
+                "ls-files",
+                "-z",
+                "--cached",
+                "--others",
+                "--exclude-standard",
+                "--",
+                ".",
+            ],
+            capture_output=True,
+            check=False,
+        )
     except OSError:
         return None
     if p.returncode != 0:
@@ -130,8 +143,10 @@ def mounts_under(path: Path) -> list[Path]:
 def require_root(what: str) -> None:
     """Building some artifacts (mmdebstrap trees, chroots, ownership-preserving images) needs root."""
     if os.geteuid() != 0:
-        raise PermissionError(f"vmimages: building {what} needs root (mmdebstrap/chroot/mkfs -d); "
-                              f"run `sudo python -m vmimages build` once, or as root")
+        raise PermissionError(
+            f"vmimages: building {what} needs root (mmdebstrap/chroot/mkfs -d); "
+            f"run `sudo python -m vmimages build` once, or as root"
+        )
 
 
 def remove_tree(path: Path) -> None:
@@ -213,7 +228,7 @@ class Artifact:
         prefix = f"{self.name}-"
         now = time.time()
         for p in self.base.iterdir():
-            rest = p.name[len(prefix):]
+            rest = p.name[len(prefix) :]
             if p.name.startswith(prefix) and p != self.path and len(rest) == 16 and "-" not in rest:
                 with contextlib.suppress(OSError):
                     if now - p.stat().st_mtime >= unused_for:

@@ -18,7 +18,10 @@ CHROOT_FORMAT = 1
 # modules, the vmlinuz, or the kernel postinst hooks (no initramfs gets built in the chroot).
 CHROOT_EXCLUDES = (
     *PATH_EXCLUDES,
-    "/usr/lib/modules/*/kernel/*", "/lib/modules/*/kernel/*", "/boot/vmlinuz-*", "/etc/kernel/postinst.d/*",
+    "/usr/lib/modules/*/kernel/*",
+    "/lib/modules/*/kernel/*",
+    "/boot/vmlinuz-*",
+    "/etc/kernel/postinst.d/*",
 )
 
 
@@ -63,8 +66,9 @@ def ensure_chroot(suite: str, progress: Progress) -> Path:
     return art.ensure(build) / "root"
 
 
-def build_in_chroot(root: Path, target: Target, src_dir: Path, build_id: str,
-                    module: str) -> tuple[bytes, str]:
+def build_in_chroot(
+    root: Path, target: Target, src_dir: Path, build_id: str, module: str
+) -> tuple[bytes, str]:
     """Copy src_dir to /build/<build_id> in the chroot, make it, return (module bytes, build log)."""
     bdir = root / "build" / build_id
     if bdir.exists():
@@ -73,14 +77,30 @@ def build_in_chroot(root: Path, target: Target, src_dir: Path, build_id: str,
         dest = bdir / f.relative_to(src_dir)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dest, follow_symlinks=False)
-    script = ('mount -t proc proc "$1/proc" && exec chroot "$1" /usr/bin/env -i '
-              'PATH=/usr/sbin:/usr/bin:/sbin:/bin '
-              'HOME=/root LC_ALL=C.UTF-8 make -C "$2" -j"$3" KDIR="$4"')
-    cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
-           str(root), f"/build/{build_id}", str(os.cpu_count() or 2), target.headers_dir]
+    script = (
+        'mount -t proc proc "$1/proc" && exec chroot "$1" /usr/bin/env -i '
+        "PATH=/usr/sbin:/usr/bin:/sbin:/bin "
+        'HOME=/root LC_ALL=C.UTF-8 make -C "$2" -j"$3" KDIR="$4"'
+    )
+    cmd = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        script,
+        "sh",
+        str(root),
+        f"/build/{build_id}",
+        str(os.cpu_count() or 2),
+        target.headers_dir,
+    ]
     try:
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           errors="replace", check=False)
+        p = subprocess.run(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", check=False
+        )
         ko = bdir / f"{module}.ko"
         # Point diagnostics at the caller's source tree rather than the chroot copy.
         log = p.stdout.replace(f"/build/{build_id}/", f"{src_dir}/")
@@ -118,7 +138,8 @@ def ensure_module(target: str, src_dir: Path, progress: bool | None = None, modu
             (tmp / "build.log").write_text(log)
             magic = vermagic(ko)
             if magic.split()[0] != t.kernel_release:
-                raise ModuleBuildError(f"{t.name}: {module}.ko has vermagic {magic!r}, "
-                                       f"expected {t.kernel_release}")
+                raise ModuleBuildError(
+                    f"{t.name}: {module}.ko has vermagic {magic!r}, expected {t.kernel_release}"
+                )
 
     return art.ensure(build, prune=False) / f"{module}.ko"

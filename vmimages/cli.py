@@ -65,8 +65,13 @@ def _names(value: str, known: list[str], what: str) -> list[str]:
     return value.split(",")
 
 
-def build(target_names: list[str], rootfs_names: list[str], chroots: bool, module_src: Path | None,
-          progress: Progress) -> None:
+def build(
+    target_names: list[str],
+    rootfs_names: list[str],
+    chroots: bool,
+    module_src: Path | None,
+    progress: Progress,
+) -> None:
     """Everything for the given targets x rootfs, with independent steps in parallel threads."""
     targets = [matrix.get_target(n) for n in target_names]
     rootfses = [matrix.get_rootfs(n) for n in rootfs_names]
@@ -74,10 +79,12 @@ def build(target_names: list[str], rootfs_names: list[str], chroots: bool, modul
     n_tasks = len(targets) * (3 + len(rootfses)) + len(rootfses) + len(targets)
     with ThreadPoolExecutor(max_workers=max(n_tasks, 1)) as pool:
 
-        def submit(prio: int | None, fn: Callable[..., Any], *args: Any,
-                   deps: tuple[Future[Any], ...] = ()) -> Future[Any]:
+        def submit(
+            prio: int | None, fn: Callable[..., Any], *args: Any, deps: tuple[Future[Any], ...] = ()
+        ) -> Future[Any]:
             """Run fn(*args) once deps are done (Future args become their results) in a heavy slot
             of priority prio, or right away if prio is None."""
+
             def run() -> Any:
                 for d in deps:
                     d.result()
@@ -86,6 +93,7 @@ def build(target_names: list[str], rootfs_names: list[str], chroots: bool, modul
                     return fn(*real)
                 with heavy.slot(prio):
                     return fn(*real)
+
             return pool.submit(run)
 
         roots = {r.name: submit(PRIO_ROOTFS, ensure_rootfs, r, progress) for r in rootfses}
@@ -96,15 +104,30 @@ def build(target_names: list[str], rootfs_names: list[str], chroots: bool, modul
             jobs.append(submit(None, ensure_initramfs, t, kf, kernel_key(t), progress, deps=(kf,)))
             for r in rootfses:
                 rf = roots[r.name]
-                jobs.append(submit(PRIO_IMAGE, ensure_image, r.name, rf, rootfs_key(r), t, kf, kernel_key(t),
-                                   progress, deps=(rf, kf)))
+                jobs.append(
+                    submit(
+                        PRIO_IMAGE,
+                        ensure_image,
+                        r.name,
+                        rf,
+                        rootfs_key(r),
+                        t,
+                        kf,
+                        kernel_key(t),
+                        progress,
+                        deps=(rf, kf),
+                    )
+                )
         if chroots:
             for suite in dict.fromkeys(t.suite for t in targets):
                 chroot = submit(PRIO_CHROOT, ensure_chroot, suite, progress)
                 jobs.append(chroot)
                 for t in (t for t in targets if t.suite == suite and module_src is not None):
-                    jobs.append(submit(PRIO_MODULE, ensure_module, t.name, module_src, progress.enabled,
-                                       deps=(chroot,)))
+                    jobs.append(
+                        submit(
+                            PRIO_MODULE, ensure_module, t.name, module_src, progress.enabled, deps=(chroot,)
+                        )
+                    )
         errors: list[Exception] = []
         for j in jobs:
             try:
@@ -231,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd_clean(args.target, args.stale)
     elif args.cmd == "pin":
         from .pin import pin
+
         changes = pin(args.target, args.latest, write=not args.dry_run)
         verb = "would change" if args.dry_run else "changed"
         print("\n".join(f"{verb} {c}" for c in changes) if changes else "pins are up to date")

@@ -17,15 +17,16 @@ from .rootfs import ensure_rootfs, rootfs_key
 @dataclass(frozen=True)
 class GuestImage:
     target: Target
-    rootfs: str          # "bookworm" | "trixie"
-    vmlinux: Path        # PVH-bootable ELF (-kernel)
-    initrd: Path         # tiny uncompressed cpio (-initrd)
-    disk: Path           # read-only qcow2 base: use as the backing file of an overlay
+    rootfs: str  # "bookworm" | "trixie"
+    vmlinux: Path  # PVH-bootable ELF (-kernel)
+    initrd: Path  # tiny uncompressed cpio (-initrd)
+    disk: Path  # read-only qcow2 base: use as the backing file of an overlay
     kernel_release: str
 
 
-def ensure_guest_image(target: str = DEFAULT_TARGET, rootfs: str = "bookworm",
-                       progress: bool | None = None) -> GuestImage:
+def ensure_guest_image(
+    target: str = DEFAULT_TARGET, rootfs: str = "bookworm", progress: bool | None = None
+) -> GuestImage:
     """Build what is missing (kernel, initramfs, rootfs, disk) and return the cached paths."""
     t = get_target(target)
     r = get_rootfs(rootfs)

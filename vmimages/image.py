@@ -19,8 +19,9 @@ BUSYBOX = Path("/bin/busybox")
 IMAGE_SIZE = "2G"
 HOSTNAME = "guest"
 IMAGE_FORMAT = 2  # bump when the way images are staged or made changes
-INPUTRC_ADD = b"\n# vmimages: no bracketed-paste escapes on the serial console\n" \
-    b"set enable-bracketed-paste off\n"
+INPUTRC_ADD = (
+    b"\n# vmimages: no bracketed-paste escapes on the serial console\nset enable-bracketed-paste off\n"
+)
 
 # Files added to every image: path -> (content, mode).
 STATIC_FILES: dict[str, tuple[bytes, int]] = {
@@ -82,8 +83,23 @@ def make_disk(staging: Path, out_qcow2: Path, size: str = IMAGE_SIZE) -> None:
     raw = Path(name)
     try:
         # orphan_file (default since e2fsprogs 1.47) is unknown to 5.10 kernels.
-        run(["mkfs.ext4", "-q", "-F", "-L", "root", "-O", "^orphan_file", "-E", "lazy_itable_init=1",
-             "-d", str(staging), str(raw), size])
+        run(
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-L",
+                "root",
+                "-O",
+                "^orphan_file",
+                "-E",
+                "lazy_itable_init=1",
+                "-d",
+                str(staging),
+                str(raw),
+                size,
+            ]
+        )
         run(["e2fsck", "-fn", str(raw)])
         run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out_qcow2)])
     finally:
@@ -94,12 +110,28 @@ def make_disk(staging: Path, out_qcow2: Path, size: str = IMAGE_SIZE) -> None:
 def image_key(rootfs_key: str, kernel_key: str, testinit: bytes | None = None) -> str:
     files = {rel: data for rel, (data, _m) in STATIC_FILES.items()}
     testinit = TESTINIT.read_bytes() if testinit is None else testinit
-    return key_of("image", IMAGE_FORMAT, rootfs_key, kernel_key, testinit,
-                  file_digest(BUSYBOX), files, INPUTRC_ADD, IMAGE_SIZE)
+    return key_of(
+        "image",
+        IMAGE_FORMAT,
+        rootfs_key,
+        kernel_key,
+        testinit,
+        file_digest(BUSYBOX),
+        files,
+        INPUTRC_ADD,
+        IMAGE_SIZE,
+    )
 
 
-def ensure_image(rootfs_name: str, rootfs: Path, rootfs_key: str, target: Target, kernel: KernelFiles,
-                 kernel_key: str, progress: Progress) -> Path:
+def ensure_image(
+    rootfs_name: str,
+    rootfs: Path,
+    rootfs_key: str,
+    target: Target,
+    kernel: KernelFiles,
+    kernel_key: str,
+    progress: Progress,
+) -> Path:
     testinit = TESTINIT.read_bytes()  # read once: the key and the image agree even during edits
     art = Artifact("image", f"{rootfs_name}-{target.name}", image_key(rootfs_key, kernel_key, testinit))
 

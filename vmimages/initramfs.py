@@ -42,8 +42,9 @@ class CpioWriter:
     _ino: int = 1
     _names: set[str] = field(default_factory=set)
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0),
-               nlink: int = 1) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0), nlink: int = 1
+    ) -> None:
         name = name.lstrip("/")
         if name in self._names:
             raise InitramfsError(f"duplicate cpio entry {name}")
@@ -78,16 +79,16 @@ def read_cpio(data: bytes) -> dict[str, tuple[int, bytes]]:
     out: dict[str, tuple[int, bytes]] = {}
     off = 0
     while True:
-        if data[off: off + 6] != b"070701":
+        if data[off : off + 6] != b"070701":
             raise InitramfsError(f"bad cpio magic at {off}")
-        vals = [int(data[off + 6 + 8 * i: off + 14 + 8 * i], 16) for i in range(13)]
+        vals = [int(data[off + 6 + 8 * i : off + 14 + 8 * i], 16) for i in range(13)]
         mode, size, namesize = vals[1], vals[6], vals[11]
-        name = data[off + 110: off + 110 + namesize - 1].decode()
+        name = data[off + 110 : off + 110 + namesize - 1].decode()
         off += 110 + namesize
         off += -off % 4
         if name == "TRAILER!!!":
             return out
-        out[name] = (mode, data[off: off + size])
+        out[name] = (mode, data[off : off + size])
         off += size
         off += -off % 4
 
@@ -145,8 +146,9 @@ def plain_name(rel: str) -> str:
     return base
 
 
-def write_initramfs(out: Path, module_dir: Path, busybox: Path = BUSYBOX,
-                    init: Path = INIT_SCRIPT) -> list[str]:
+def write_initramfs(
+    out: Path, module_dir: Path, busybox: Path = BUSYBOX, init: Path = INIT_SCRIPT
+) -> list[str]:
     """Write the initramfs; returns the module load order (plain .ko names)."""
     order = load_order(module_dir, ROOT_MODULES_REQUIRED, ROOT_MODULES_OPTIONAL)
     names = [plain_name(rel) for rel, _opt in order]
@@ -157,8 +159,20 @@ def write_initramfs(out: Path, module_dir: Path, busybox: Path = BUSYBOX,
         w.chardev("dev/console", 5, 1)
         w.chardev("dev/null", 1, 3, 0o666)
         w.file("bin/busybox", busybox.read_bytes(), 0o755)
-        for applet in ("sh", "mount", "umount", "insmod", "switch_root", "sleep", "cat", "ls", "tr",
-                       "findfs", "sync", "poweroff"):
+        for applet in (
+            "sh",
+            "mount",
+            "umount",
+            "insmod",
+            "switch_root",
+            "sleep",
+            "cat",
+            "ls",
+            "tr",
+            "findfs",
+            "sync",
+            "poweroff",
+        ):
             w.symlink(f"bin/{applet}", "busybox")
         w.file("init", init.read_bytes(), 0o755)
         lines = []
@@ -171,9 +185,16 @@ def write_initramfs(out: Path, module_dir: Path, busybox: Path = BUSYBOX,
 
 
 def initramfs_key(kernel: KernelFiles, kernel_key: str) -> str:
-    return key_of("initramfs", INITRAMFS_FORMAT, kernel_key, kernel.release, INIT_SCRIPT.read_bytes(),
-                  file_digest(BUSYBOX),
-                  ROOT_MODULES_REQUIRED, ROOT_MODULES_OPTIONAL)
+    return key_of(
+        "initramfs",
+        INITRAMFS_FORMAT,
+        kernel_key,
+        kernel.release,
+        INIT_SCRIPT.read_bytes(),
+        file_digest(BUSYBOX),
+        ROOT_MODULES_REQUIRED,
+        ROOT_MODULES_OPTIONAL,
+    )
 
 
 def ensure_initramfs(target: Target, kernel: KernelFiles, kernel_key: str, progress: Progress) -> Path:

@@ -23,13 +23,38 @@ KERNEL_FORMAT = 2
 
 # Parts of lib/modules/<rel>/kernel kept for the guest (see guest-pipeline-notes.md §1).
 MODULE_SUBDIRS = (
-    "arch", "block", "crypto", "fs", "lib", "mm", "virt", "net/9p", "net/vmw_vsock",
-    "drivers/virtio", "drivers/block", "drivers/char", "drivers/scsi", "drivers/md", "drivers/nvdimm",
-    "drivers/acpi", "drivers/base", "drivers/input", "drivers/tty", "drivers/firmware",
+    "arch",
+    "block",
+    "crypto",
+    "fs",
+    "lib",
+    "mm",
+    "virt",
+    "net/9p",
+    "net/vmw_vsock",
+    "drivers/virtio",
+    "drivers/block",
+    "drivers/char",
+    "drivers/scsi",
+    "drivers/md",
+    "drivers/nvdimm",
+    "drivers/acpi",
+    "drivers/base",
+    "drivers/input",
+    "drivers/tty",
+    "drivers/firmware",
 )
 # Must be loadable (modular or built in) in every guest.
 REQUIRED_MODULES = (
-    "dm_mod", "dm_snapshot", "dm_log_writes", "dm_flakey", "loop", "9p", "9pnet_virtio", "xfs", "ext4",
+    "dm_mod",
+    "dm_snapshot",
+    "dm_log_writes",
+    "dm_flakey",
+    "loop",
+    "9p",
+    "9pnet_virtio",
+    "xfs",
+    "ext4",
 )
 
 
@@ -110,17 +135,18 @@ def has_pvh_note(elf: bytes) -> bool:
     """True if the ELF has the Xen PHYS32_ENTRY note (CONFIG_PVH), which QEMU needs to boot it."""
     if not is_elf64(elf):
         return False
-    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
     for i in range(phnum):
         p_type, _flags, p_offset, _va, _pa, p_filesz = struct.unpack_from(
-            "<IIQQQQ", elf, phoff + i * phentsize)
+            "<IIQQQQ", elf, phoff + i * phentsize
+        )
         if p_type != 4:  # PT_NOTE
             continue
         off, end = p_offset, p_offset + p_filesz
         while off + 12 <= end:
             namesz, descsz, ntype = struct.unpack_from("<III", elf, off)
-            name = elf[off + 12: off + 12 + namesz].rstrip(b"\0")
+            name = elf[off + 12 : off + 12 + namesz].rstrip(b"\0")
             if name == b"Xen" and ntype == 18:  # XEN_ELFNOTE_PHYS32_ENTRY
                 return True
             off += 12 + ((namesz + 3) & ~3) + ((descsz + 3) & ~3)
@@ -136,7 +162,7 @@ def _header_payload(image: bytes) -> bytes | None:
     start = (setup_sects + 1) * 512 + payload_offset
     if payload_length == 0 or start + payload_length > len(image):
         return None
-    return image[start: start + payload_length]
+    return image[start : start + payload_length]
 
 
 def extract_vmlinux(image: bytes) -> bytes:
@@ -231,8 +257,9 @@ def _build(target: Target, tmp: Path, *, progress: Progress) -> None:
     with progress.step(f"{target.name}: extract kernel + vmlinux"):
         x = work / "x"
         extract_debs(debs, x)
-        vmlinuz = _find_one(x, [f"boot/vmlinuz-{rel}", f"usr/lib/modules/{rel}/vmlinuz",
-                                f"lib/modules/{rel}/vmlinuz"])
+        vmlinuz = _find_one(
+            x, [f"boot/vmlinuz-{rel}", f"usr/lib/modules/{rel}/vmlinuz", f"lib/modules/{rel}/vmlinuz"]
+        )
         elf = extract_vmlinux(vmlinuz.read_bytes())
         if not has_pvh_note(elf):
             raise KernelError(f"{target.name}: vmlinux has no PVH entry note (CONFIG_PVH unset?)")

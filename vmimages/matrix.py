@@ -24,11 +24,11 @@ class MatrixError(ValueError):
 class Target:
     name: str
     suite: str
-    kernel_release: str                 # as `uname -r` prints it
-    kernel_packages: tuple[str, ...]    # "name=version" debs holding vmlinuz + modules
-    headers_packages: tuple[str, ...]   # "name=version" installed in the build chroot
-    build_packages: tuple[str, ...]     # make, gcc-N, libc6-dev, ...
-    sources: SuiteSources               # apt suites of `suite`
+    kernel_release: str  # as `uname -r` prints it
+    kernel_packages: tuple[str, ...]  # "name=version" debs holding vmlinuz + modules
+    headers_packages: tuple[str, ...]  # "name=version" installed in the build chroot
+    build_packages: tuple[str, ...]  # make, gcc-N, libc6-dev, ...
+    sources: SuiteSources  # apt suites of `suite`
 
     @property
     def headers_dir(self) -> str:
@@ -90,8 +90,12 @@ def parse(text: str) -> Matrix:
     rootfs: dict[str, Rootfs] = {}
     for name, t in data.get("rootfs", {}).items():
         suite = t.get("suite", name)
-        rootfs[name] = Rootfs(name, suite, guest + _strs(t, "extra_packages", f"rootfs.{name}", []),
-                              sources(suite, f"rootfs.{name}"))
+        rootfs[name] = Rootfs(
+            name,
+            suite,
+            guest + _strs(t, "extra_packages", f"rootfs.{name}", []),
+            sources(suite, f"rootfs.{name}"),
+        )
     targets: dict[str, Target] = {}
     for name, t in data.get("targets", {}).items():
         where = f"targets.{name}"

@@ -39,7 +39,8 @@ def latest_release(apt: PrivateApt, release: str) -> str:
         return release
     series, debtag, flavour = m.group(1), m.group(2) or "", m.group(3)
     pat = re.compile(
-        rf"linux-image-({re.escape(series)}(?:\.\d+)+(?:-\d+)?{re.escape(debtag)}(?:\.\d+)?{flavour})$")
+        rf"linux-image-({re.escape(series)}(?:\.\d+)+(?:-\d+)?{re.escape(debtag)}(?:\.\d+)?{flavour})$"
+    )
     best, best_ver = release, apt.candidate(f"linux-image-{release}") or "0"
     for name in apt.pkgnames(f"linux-image-{series}"):
         hit = pat.match(name)
@@ -93,7 +94,7 @@ def set_key(text: str, table: str, key: str, value: str) -> str:
             if line.split("=", 1)[1].strip().startswith("[") and "]" not in line:
                 while end + 1 < len(lines) and "]" not in lines[end]:
                     end += 1
-            lines[i: end + 1] = [f"{key} = {value}\n"]
+            lines[i : end + 1] = [f"{key} = {value}\n"]
             return "".join(lines)
     raise PinError(f"[{table}] has no {key} to update")
 
@@ -106,8 +107,9 @@ def apply(text: str, name: str, pins: Pins) -> str:
     return set_key(text, table, "build_packages", _toml_list(pins.build_packages))
 
 
-def pin(names: list[str] | None = None, latest: bool = False, path: Path = MATRIX_FILE,
-        write: bool = True) -> list[str]:
+def pin(
+    names: list[str] | None = None, latest: bool = False, path: Path = MATRIX_FILE, write: bool = True
+) -> list[str]:
     """Update the matrix file in place (unless write is false); returns one line per changed target."""
     text = path.read_text()
     matrix = parse(text)

@@ -14,16 +14,32 @@ ROOTFS_FORMAT = 1
 
 # Nothing the tests need; keeps trees and images small.
 PATH_EXCLUDES = (
-    "/usr/share/doc/*", "/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
-    "/usr/share/lintian/*", "/usr/share/linda/*",
+    "/usr/share/doc/*",
+    "/usr/share/man/*",
+    "/usr/share/info/*",
+    "/usr/share/locale/*",
+    "/usr/share/lintian/*",
+    "/usr/share/linda/*",
 )
 PATH_INCLUDES = ("/usr/share/doc/*/copyright",)
 
 
-def mmdebstrap_cmd(sources: SuiteSources, suite: str, packages: tuple[str, ...], dest: Path,
-                   excludes: tuple[str, ...] = PATH_EXCLUDES) -> list[str]:
-    cmd = ["mmdebstrap", "--variant=minbase", "--mode=root", "--format=directory", "-q",
-           f"--keyring={KEYRING}", "--aptopt=APT::Install-Recommends \"false\""]
+def mmdebstrap_cmd(
+    sources: SuiteSources,
+    suite: str,
+    packages: tuple[str, ...],
+    dest: Path,
+    excludes: tuple[str, ...] = PATH_EXCLUDES,
+) -> list[str]:
+    cmd = [
+        "mmdebstrap",
+        "--variant=minbase",
+        "--mode=root",
+        "--format=directory",
+        "-q",
+        f"--keyring={KEYRING}",
+        '--aptopt=APT::Install-Recommends "false"',
+    ]
     cmd += [f"--aptopt={o}" for o in sources.apt_options()]
     cmd += [f"--dpkgopt=path-exclude={p}" for p in excludes]
     cmd += [f"--dpkgopt=path-include={p}" for p in PATH_INCLUDES]
