@@ -82,7 +82,7 @@ class Guest:
         rootfs: str = "bookworm",
         disks: list[DiskSpec] | tuple[DiskSpec, ...] = DEFAULT_DISKS,
         memory_mib: int = 1024,
-        smp: int = 2,
+        smp: int = 1,
         module: bool = True,
         name: str | None = None,
         *,

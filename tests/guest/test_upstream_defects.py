@@ -19,7 +19,7 @@ MIB = 1024 * 1024
 def test_1_expand_releases_the_table_lock(module_guest: Guest, ext4_volume: Volume) -> None:
     """Upstream leaks the device-table lock after a successful expand: every later ioctl hangs."""
     g, vol = module_guest, ext4_volume
-    assert dbdctl(g, f"setup-snapshot -f 8 {vol.device} /mnt/vol/.datto 0").rc == 0
+    assert dbdctl(g, f"setup-snapshot -f 64 {vol.device} /mnt/vol/.datto 0").rc == 0
     before = info(g, 0).falloc_size
     assert dbdctl(g, "expand-cow-file 4 0", timeout=60).rc == 0
     assert info(g, 0).falloc_size == before + 4 * MIB
