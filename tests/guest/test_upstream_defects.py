@@ -71,3 +71,22 @@ def test_destroy_works_in_the_failed_state(module_guest: Guest, ext4_volume: Vol
     assert ctl(g, "reconfigure", 0, 0) == errno.EINVAL
     assert ctl(g, "destroy", 0) == 0
     assert ctl(g, "info", 0) == errno.ENOENT
+
+
+def test_7_cow_data_never_passes_fsize(module_guest: Guest, ext4_volume: Volume) -> None:
+    """Upstream checks `fpos * 4096 >= fsize`, so with the default size (10 % of the device, not a
+    multiple of 4096) one more block than fits is written past fsize. Ours only uses whole 4 KiB slots
+    below fsize (a copy batch that would not fit fails as a whole, so a few slots may stay unused),
+    then fails with EFBIG."""
+    g, vol = module_guest, ext4_volume
+    assert dbdctl(g, f"setup-snapshot {vol.device} /mnt/vol/.datto 0").rc == 0
+    fsize = info(g, 0).falloc_size
+    device_bytes = int(g.check(f"blockdev --getsize64 {vol.device}").stdout)
+    assert fsize == device_bytes * 10 // 100 and fsize % 4096 != 0
+    g.check("dd if=/dev/urandom of=/mnt/vol/f bs=1M count=80 conv=fsync status=none", timeout=300)
+    i = info(g, 0)
+    assert i.error == -errno.EFBIG
+    data_offset = 4096 + 32 * 32768
+    slots = (fsize - data_offset) // 4096
+    assert slots * 0.95 <= i.nr_changed_blocks <= slots
+    assert ctl(g, "destroy", 0) == 0
