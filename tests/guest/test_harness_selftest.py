@@ -168,3 +168,17 @@ def test_boot_failure_raises_with_console_tail(target: str, guest_image: Any) ->
         g.boot()
     assert "Kernel panic" in ei.value.console_tail or "TESTINIT-FAIL" in ei.value.console_tail
     g.finish(test_failed=True, artifact_dir=None)
+
+
+def test_trixie_rootfs_has_the_new_mount_api(target: str) -> None:
+    """The second rootfs exists so tests can mount with util-linux >= 2.39 (fsopen/fsmount/move_mount)."""
+    g = Guest(target, rootfs="trixie", module=False, name="trixie-rootfs")
+    try:
+        g.boot()
+        version = g.check("mount --version").stdout
+        major, minor = (int(x) for x in re.search(r"util-linux (\d+)\.(\d+)", version).groups())  # type: ignore[union-attr]
+        assert (major, minor) >= (2, 39), version
+        assert "fd-based-mount" in version
+        assert g.check("cat /etc/debian_version").stdout.startswith("13")
+    finally:
+        g.finish(test_failed=False, artifact_dir=None)
