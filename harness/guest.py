@@ -267,6 +267,13 @@ class Guest:
         r = self.run(f"PYTHONPATH=/src python3 {files.guest_args(guest_dir)}", timeout)
         return pyexec.read_result(files, r.rc, r.stdout, r.stderr)
 
+    def install_pydbd_tools(self) -> None:
+        """Put `dbdctl` and `update-img` on the guest's PATH, as `pip install pydbd` would: wrappers
+        that run the checkout's pydbd (shared read-only at /src)."""
+        for name, module in (("dbdctl", "pydbd.dbdctl"), ("update-img", "pydbd.updateimg")):
+            script = f'#!/bin/sh\nPYTHONPATH=/src exec python3 -m {module} "$@"\n'
+            self.check(f"printf %s {_q(script)} > /usr/local/bin/{name} && chmod +x /usr/local/bin/{name}")
+
     def put_file(self, name: str, data: bytes | str) -> str:
         """Write a file into the exchange dir; returns its guest path."""
         st = self._require()

@@ -9,7 +9,6 @@ alternating COW file names of step 9 are exercised too.
 
 from __future__ import annotations
 
-import shlex
 import time
 
 from harness.errors import GuestError, KernelWarningError
@@ -19,7 +18,6 @@ from harness.qemu import DiskSpec
 SERVER_DEV = "/dev/vdb"
 SERVER_MNT = "/mnt/server"
 BACKUP_IMG = "/backups/vdb-bkp"
-TOOLS = (("dbdctl", "pydbd.dbdctl"), ("update-img", "pydbd.updateimg"))
 
 
 class WalkthroughFailed(Exception):
@@ -42,14 +40,6 @@ def _step(g: Guest, title: str, cmd: str, timeout: float = 300) -> str:
         raise WalkthroughFailed(f"{title}: `{cmd}` exited {r.rc}")
     print(f"    ({time.monotonic() - t0:.1f}s)", flush=True)
     return r.stdout
-
-
-def _install_tools(g: Guest) -> None:
-    # pydbd comes from the checkout, shared read-only at /src; these wrappers are what
-    # `pip install pydbd` would put on PATH.
-    for name, module in TOOLS:
-        script = f'#!/bin/sh\nPYTHONPATH=/src exec python3 -m {module} "$@"\n'
-        g.check(f"printf %s {shlex.quote(script)} > /usr/local/bin/{name} && chmod +x /usr/local/bin/{name}")
 
 
 def _use_the_system(g: Guest, round_no: int) -> None:
@@ -91,7 +81,7 @@ def _run(g: Guest) -> None:
     _say(f"  ready in {g.boot_seconds:.1f}s, kernel {g.run('uname -r').stdout.strip()}")
     _say("1) install the driver and its tools")
     _say(f"  loaded {g.load_module()}")
-    _install_tools(g)
+    g.install_pydbd_tools()
     _step(
         g,
         "   prepare the server volume and the backup volume",

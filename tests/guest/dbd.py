@@ -20,11 +20,7 @@ COW_INFO = f"{PY} -m pydbd.dbdctl cow-info"
 
 def install_tools(guest: Guest) -> None:
     """Put `dbdctl` and `update-img` wrappers on the guest's PATH, as an installed pydbd would."""
-    guest.check(
-        "for t in dbdctl:pydbd.dbdctl update-img:pydbd.updateimg; do "
-        'n=${t%%:*}; m=${t#*:}; printf \'#!/bin/sh\\nPYTHONPATH=/src exec python3 -m %s "$@"\\n\' "$m" '
-        "> /usr/local/bin/$n; chmod +x /usr/local/bin/$n; done"
-    )
+    guest.install_pydbd_tools()
 
 
 def dbdctl(guest: Guest, args: str, timeout: float = 120) -> CommandResult:
