@@ -193,6 +193,14 @@ void dbd_thaw(struct block_device *bdev, struct dbd_freeze *f);
 /* ---- VFS -------------------------------------------------------------- */
 int dbd_vfs_unlink(struct file *f);
 
+/* exported everywhere, declared in a public header only from 6.6 */
+#ifndef DBD_HAVE_VFS_PATH_LOOKUP_DECL
+struct path;
+struct vfsmount;
+int vfs_path_lookup(struct dentry *dentry, struct vfsmount *mnt, const char *name,
+		    unsigned int flags, struct path *path);
+#endif
+
 /* ---- gendisk -------------------------------------------------------- */
 #define DBD_DISK_MAX_SECTORS 2048	/* 1 MiB snapshot reads */
 /* ---- gendisk ----------------------------------------------------------- */

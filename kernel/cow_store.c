@@ -244,18 +244,6 @@ int cow_entry_set(struct cow_store *c, u64 b, u64 v)
 }
 
 /* ---- file helpers ---------------------------------------------------------- */
-static void cow_set_immutable(struct file *f, bool on)
-{
-	struct inode *inode = file_inode(f);
-
-	inode_lock(inode);
-	if (on)
-		inode->i_flags |= S_IMMUTABLE;
-	else
-		inode->i_flags &= ~S_IMMUTABLE;
-	inode_unlock(inode);
-}
-
 static void cow_fill_header(struct cow_store *c, struct cow_header *h, u32 flags)
 {
 	memset(h, 0, sizeof(*h));
@@ -357,9 +345,8 @@ static int ext_cmp_dev(const void *a, const void *b)
  * Map file bytes [start, end) with bmap() and append merged extents to
  * c->ext.  Every block must be mapped (no holes/unwritten/delalloc).
  */
-static int cow_map_range(struct cow_store *c, u64 start, u64 end)
+static int cow_map_range(struct cow_store *c, struct inode *inode, u64 start, u64 end)
 {
-	struct inode *inode = file_inode(c->filp);
 	unsigned int bits = inode->i_blkbits;
 	u64 spb = 1ULL << (bits - 9);
 	u64 blk, first = start >> bits, last = (end + (1ULL << bits) - 1) >> bits;
@@ -425,7 +412,7 @@ static int cow_rebuild_dext(struct cow_store *c)
 }
 
 /* path of @f relative to the root of its filesystem, starting with '/' */
-int cow_path_in_fs(struct file *f, char **out)
+static int cow_path_in_fs(struct file *f, char **out)
 {
 	char *buf = kmalloc(PATH_MAX, GFP_KERNEL);
 	char *p;
@@ -442,13 +429,57 @@ int cow_path_in_fs(struct file *f, char **out)
 	return *out ? 0 : -ENOMEM;
 }
 
+/* geometry and in-memory index for a device of @nr_sects sectors */
+static struct cow_store *cow_alloc(struct block_device *bdev, sector_t nr_sects)
+{
+	struct cow_store *c = kzalloc(sizeof(*c), GFP_KERNEL);
+
+	if (!c)
+		return NULL;
+	mutex_init(&c->ext_mutex);
+	c->bdev = bdev;
+	c->nblocks = nr_sects / COW_BLOCK_SECTS;
+	c->nsect = DIV_ROUND_UP(c->nblocks, COW_SECT_ENTRIES);
+	if (!c->nsect)
+		c->nsect = 1;
+	c->data_offset = COW_BLOCK + c->nsect * COW_SECT_BYTES;
+	c->first_data_block = c->data_offset / COW_BLOCK;
+	c->fpos = c->first_data_block;
+	c->version = 1;
+	atomic64_set(&c->nr_changed, 0);
+	c->sections = kvcalloc(c->nsect, sizeof(u64 *), GFP_KERNEL);
+	c->hdr0 = kzalloc(COW_BLOCK, GFP_KERNEL);
+	if (!c->sections || !c->hdr0) {
+		cow_free(c);
+		return NULL;
+	}
+	return c;
+}
+
+/* hold the inode (and S_IMMUTABLE on it) while the filesystem is mounted */
+int cow_pin(struct cow_store *c, struct file *f)
+{
+	if (c->pin)
+		return 0;
+	return dbd_pin_inode(file_inode(f), &c->pin);
+}
+
+void cow_unpin(struct cow_store *c)
+{
+	dbd_unpin(c->pin);
+	c->pin = NULL;
+}
+
 /*
- * Create a new COW file (setup steps 6-9 and the physical capture).
+ * Create a new COW file (setup steps 6-9 and the physical capture).  The
+ * file is closed again before returning; only its inode stays pinned.
+ * *relpath gets the file's path relative to its filesystem's root.
  * On error *errp is set and NULL returned; the file is removed if it was
  * created by us (regular file).
  */
 struct cow_store *cow_create(struct block_device *bdev, sector_t nr_sects, const char *path,
-			     u64 fsize, u64 falloc_mib, u64 seqid, const u8 *uuid, int *errp)
+			     u64 fsize, u64 falloc_mib, u64 seqid, const u8 *uuid, char **relpath,
+			     int *errp)
 {
 	struct cow_store *c;
 	struct file *f;
@@ -468,35 +499,17 @@ struct cow_store *cow_create(struct block_device *bdev, sector_t nr_sects, const
 		return NULL;
 	}
 
-	c = kzalloc(sizeof(*c), GFP_KERNEL);
+	c = cow_alloc(bdev, nr_sects);
 	if (!c) {
 		err = -ENOMEM;
 		goto fail_file;
 	}
-	mutex_init(&c->ext_mutex);
-	c->filp = f;
-	c->bdev = bdev;
-	c->nblocks = nr_sects / COW_BLOCK_SECTS;
-	c->nsect = DIV_ROUND_UP(c->nblocks, COW_SECT_ENTRIES);
-	if (!c->nsect)
-		c->nsect = 1;
-	c->data_offset = COW_BLOCK + c->nsect * COW_SECT_BYTES;
-	c->first_data_block = c->data_offset / COW_BLOCK;
-	c->fpos = c->first_data_block;
 	c->fsize = fsize;
 	c->seqid = seqid;
-	c->version = 1;
 	memcpy(c->uuid, uuid, 16);
 	c->falloc_mib = falloc_mib;
-	atomic64_set(&c->nr_changed, 0);
 	c->alloc_len = round_up(max(fsize, c->data_offset), COW_BLOCK);
 	c->init_len = c->alloc_len;
-	c->sections = kvcalloc(c->nsect, sizeof(u64 *), GFP_KERNEL);
-	c->hdr0 = kzalloc(COW_BLOCK, GFP_KERNEL);
-	if (!c->sections || !c->hdr0) {
-		err = -ENOMEM;
-		goto fail;
-	}
 
 	/* step 7: real preallocation (mode 0 extends the file) */
 	err = vfs_fallocate(f, 0, 0, c->alloc_len);
@@ -537,26 +550,161 @@ struct cow_store *cow_create(struct block_device *bdev, sector_t nr_sects, const
 		LOG_ERROR(err, "error syncing cow file");
 		goto fail;
 	}
-	err = cow_map_range(c, 0, c->alloc_len);
+	err = cow_map_range(c, file_inode(f), 0, c->alloc_len);
+	if (!err)
+		err = cow_rebuild_dext(c);
+	if (!err)
+		err = cow_path_in_fs(f, relpath);
+	if (!err)
+		err = cow_pin(c, f);
 	if (err)
 		goto fail;
-	err = cow_rebuild_dext(c);
-	if (err)
-		goto fail;
-	cow_set_immutable(f, true);
 	LOG_DEBUG("cow file '%s': %llu bytes, %u extents, data offset %llu", path,
 		  c->alloc_len, c->n_ext, c->data_offset);
+	filp_close(f, NULL);
 	*errp = 0;
 	return c;
 
 fail:
-	c->filp = NULL;
 	cow_free(c);
 fail_file:
 	dbd_vfs_unlink(f);
 	filp_close(f, NULL);
 	*errp = err;
 	return NULL;
+}
+
+/*
+ * Load an existing, cleanly closed COW file for activation of a reloaded
+ * tracer (spec 4.4 "reload or reopen").  Reads the header and index through
+ * the VFS (nothing else has the file open yet), captures its layout.
+ */
+struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct file *f, bool snap,
+			   int *errp)
+{
+	struct inode *inode = file_inode(f);
+	struct cow_store *c = cow_alloc(bdev, nr_sects);
+	struct cow_header *h;
+	loff_t size = i_size_read(inode), pos;
+	void *buf = NULL;
+	u64 s;
+	int err;
+
+	if (!c) {
+		*errp = -ENOMEM;
+		return NULL;
+	}
+	buf = kvmalloc(COW_SECT_BYTES, GFP_KERNEL);
+	if (!buf) {
+		err = -ENOMEM;
+		goto fail;
+	}
+	pos = 0;
+	if (kernel_read(f, buf, COW_BLOCK, &pos) != COW_BLOCK) {
+		err = -EINVAL;
+		LOG_ERROR(err, "cow file is too short for a header");
+		goto fail;
+	}
+	h = buf;
+	if (h->magic != COW_MAGIC) {
+		err = -EINVAL;
+		LOG_ERROR(err, "cow file has a bad magic number (%u)", h->magic);
+		goto fail;
+	}
+	if (!(h->flags & COW_CLEAN)) {
+		err = -EINVAL;
+		LOG_ERROR(err, "cow file was not closed cleanly (crash or power loss while active?): a new full snapshot is needed");
+		goto fail;
+	}
+	if (!!(h->flags & COW_INDEX_ONLY) != !snap) {
+		err = -EINVAL;
+		LOG_ERROR(err, "cow file is in %s mode but was reloaded as %s",
+			  (h->flags & COW_INDEX_ONLY) ? "incremental" : "snapshot",
+			  snap ? "snapshot" : "incremental");
+		goto fail;
+	}
+	c->fpos = h->fpos;
+	c->fsize = h->fsize;
+	c->seqid = h->seqid;
+	memcpy(c->uuid, h->uuid, 16);
+	c->version = h->version;
+	atomic64_set(&c->nr_changed, h->nr_changed_blocks);
+	c->flags = h->flags & ~COW_CLEAN;
+	if (size < c->data_offset || (size & (COW_BLOCK - 1)) || c->fpos < c->first_data_block ||
+	    c->fpos * COW_BLOCK > size) {
+		err = -EINVAL;
+		LOG_ERROR(err, "cow file does not fit this device (size %lld, fpos %llu, index end %llu)",
+			  (long long)size, c->fpos, c->data_offset);
+		goto fail;
+	}
+	c->alloc_len = size;
+	c->init_len = size;
+	c->falloc_mib = c->fsize >> 20;
+	/* the file as it looked when the snapshot was taken (initial header, zeros) */
+	{
+		u64 fpos = c->fpos, nr = atomic64_read(&c->nr_changed);
+
+		c->fpos = c->first_data_block;
+		atomic64_set(&c->nr_changed, 0);
+		cow_fill_header(c, c->hdr0, 0);
+		c->fpos = fpos;
+		atomic64_set(&c->nr_changed, nr);
+	}
+	for (s = 0; s < c->nsect; s++) {
+		u64 *sec;
+
+		pos = COW_BLOCK + s * COW_SECT_BYTES;
+		if (kernel_read(f, buf, COW_SECT_BYTES, &pos) != COW_SECT_BYTES) {
+			err = -EIO;
+			LOG_ERROR(err, "error reading cow index section %llu", s);
+			goto fail;
+		}
+		if (!memchr_inv(buf, 0, COW_SECT_BYTES))
+			continue;
+		sec = kvmalloc(COW_SECT_BYTES, GFP_KERNEL);
+		if (!sec) {
+			err = -ENOMEM;
+			goto fail;
+		}
+		memcpy(sec, buf, COW_SECT_BYTES);
+		c->sections[s] = sec;
+		cond_resched();
+	}
+	err = cow_map_range(c, inode, 0, c->alloc_len);
+	if (!err)
+		err = cow_rebuild_dext(c);
+	if (err)
+		goto fail;
+	kvfree(buf);
+	*errp = 0;
+	return c;
+fail:
+	kvfree(buf);
+	cow_free(c);
+	*errp = err;
+	return NULL;
+}
+
+/* is @f still exactly the file whose blocks we write (dormant -> active)? */
+int cow_same_layout(struct cow_store *c, struct file *f)
+{
+	struct cow_store *t;
+	int err;
+
+	if (i_size_read(file_inode(f)) != c->alloc_len)
+		return -EINVAL;
+	t = cow_alloc(c->bdev, 0);
+	if (!t)
+		return -ENOMEM;
+	err = cow_map_range(t, file_inode(f), 0, c->alloc_len);
+	if (!err) {
+		mutex_lock(&c->ext_mutex);
+		if (t->n_ext != c->n_ext || memcmp(t->ext, c->ext, c->n_ext * sizeof(*t->ext)))
+			err = -EINVAL;
+		mutex_unlock(&c->ext_mutex);
+	}
+	cow_free(t);
+	return err;
 }
 
 /*
@@ -568,7 +716,6 @@ int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tr
 {
 	struct dbd_io io;
 	struct dbd_bb bb;
-	struct page *hp;
 	u64 s, b;
 	int err = 0;
 
@@ -613,6 +760,17 @@ int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tr
 		return err;
 	}
 
+	return cow_write_header(c, flags, tracked);
+}
+
+/* write the header with @flags (FUA), by bio */
+int cow_write_header(struct cow_store *c, u32 flags, bool tracked)
+{
+	struct dbd_io io;
+	struct dbd_bb bb;
+	struct page *hp;
+	int err;
+
 	hp = alloc_page(GFP_KERNEL | __GFP_ZERO);
 	if (!hp)
 		return -ENOMEM;
@@ -638,21 +796,41 @@ int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tr
 	__free_page(hp);
 	if (err)
 		LOG_ERROR(err, "error writing cow header");
+	else
+		c->clean_on_disk = flags & COW_CLEAN;
 	/* readers through the VFS must see what we wrote beneath the page cache */
-	if (c->filp)
-		invalidate_mapping_pages(c->filp->f_mapping, 0, -1);
+	dbd_pin_invalidate(c->pin);
 	return err;
 }
 
-/* transition to incremental: drop the data area (a failure is only a warning) */
-void cow_truncate_to_index(struct cow_store *c)
+/* write @n pages to data slots fpos.. of the file and wait (no index update) */
+int cow_write_slots(struct cow_store *c, struct page **pages, unsigned int n, u64 fpos)
 {
-	long err;
+	struct dbd_io io;
+	struct dbd_bb bb;
+	unsigned int i;
+	int err = 0, e;
+
+	dbd_io_init(&io);
+	dbd_bb_init(&bb, c->bdev, REQ_OP_WRITE, &io);
+	for (i = 0; i < n && !err; i++)
+		err = cow_bb_add_file(c, &bb, (fpos + i) * COW_BLOCK, pages[i], 0, PAGE_SIZE);
+	dbd_bb_submit(&bb);
+	e = dbd_io_wait(&io);
+	return err ? err : e;
+}
+
+/* transition to incremental: drop the data area (a failure is only a warning) */
+void cow_truncate_to_index(struct cow_store *c, struct file *f)
+{
+	long err = PTR_ERR_OR_ZERO(f);
 	unsigned int i;
 
-	cow_set_immutable(c->filp, false);
-	err = vfs_truncate(&c->filp->f_path, c->data_offset);
-	cow_set_immutable(c->filp, true);
+	if (!err) {
+		dbd_set_immutable(file_inode(f), false);
+		err = vfs_truncate(&f->f_path, c->data_offset);
+		dbd_set_immutable(file_inode(f), true);
+	}
 	if (err)
 		LOG_WARN("truncating cow file failed: %ld", err);
 	mutex_lock(&c->ext_mutex);
@@ -674,32 +852,13 @@ void cow_truncate_to_index(struct cow_store *c)
 	mutex_unlock(&c->ext_mutex);
 }
 
-void cow_close(struct cow_store *c, bool unlink)
-{
-	struct file *f = c->filp;
-	int err;
-
-	if (!f)
-		return;
-	cow_set_immutable(f, false);
-	invalidate_mapping_pages(f->f_mapping, 0, -1);
-	if (unlink) {
-		err = dbd_vfs_unlink(f);
-		if (err)
-			LOG_ERROR(err, "error deleting cow file");
-	}
-	c->filp = NULL;
-	filp_close(f, NULL);
-}
-
 void cow_free(struct cow_store *c)
 {
 	u64 s;
 
 	if (!c)
 		return;
-	if (c->filp)
-		cow_close(c, false);
+	cow_unpin(c);
 	if (c->sections) {
 		for (s = 0; s < c->nsect; s++)
 			kvfree(c->sections[s]);
@@ -716,7 +875,7 @@ void cow_free(struct cow_store *c)
  * written by this task; the hook lets tr->expand_task's writes through
  * without copy-on-write and the new area reads as zeros in the snapshot.
  */
-int cow_expand(struct dbd_tracer *tr, struct cow_store *c, u64 bytes)
+int cow_expand(struct dbd_tracer *tr, struct cow_store *c, struct file *f, u64 bytes)
 {
 	u64 start = c->alloc_len, end;
 	int err;
@@ -725,8 +884,8 @@ int cow_expand(struct dbd_tracer *tr, struct cow_store *c, u64 bytes)
 	if (!bytes)
 		return 0;
 	end = start + bytes;
-	cow_set_immutable(c->filp, false);
-	err = vfs_fallocate(c->filp, 0, start, bytes);
+	dbd_set_immutable(file_inode(f), false);
+	err = vfs_fallocate(f, 0, start, bytes);
 	if (err && err != -EOPNOTSUPP)
 		goto out;
 	/*
@@ -735,15 +894,17 @@ int cow_expand(struct dbd_tracer *tr, struct cow_store *c, u64 bytes)
 	 * could wait for the COW worker.  Written-back data is enough for the
 	 * filesystem to report the blocks as mapped.
 	 */
+	WRITE_ONCE(tr->cow_mapping, f->f_mapping);
 	WRITE_ONCE(tr->expand_task, current);
-	err = cow_zero_fill_direct(c->filp, start, end);
+	err = cow_zero_fill_direct(f, start, end);
 	if (!err)
-		err = filemap_write_and_wait_range(c->filp->f_mapping, start, end - 1);
+		err = filemap_write_and_wait_range(f->f_mapping, start, end - 1);
 	WRITE_ONCE(tr->expand_task, NULL);
+	WRITE_ONCE(tr->cow_mapping, NULL);
 	if (err)
 		goto out;
 	mutex_lock(&c->ext_mutex);
-	err = cow_map_range(c, start, end);
+	err = cow_map_range(c, file_inode(f), start, end);
 	if (!err)
 		err = cow_rebuild_dext(c);
 	if (!err) {
@@ -752,6 +913,6 @@ int cow_expand(struct dbd_tracer *tr, struct cow_store *c, u64 bytes)
 	}
 	mutex_unlock(&c->ext_mutex);
 out:
-	cow_set_immutable(c->filp, true);
+	dbd_set_immutable(file_inode(f), true);
 	return err;
 }

@@ -24,6 +24,41 @@ static_assert(IOCTL_DATTOBD_INFO == 0xa0509108);
 static_assert(IOCTL_GET_FREE == 0x80049109);
 static_assert(IOCTL_RECONFIGURE_AUTO_EXPAND == 0x4018910b);
 
+/*
+ * Run one table operation under the global ioctl mutex; its int result.
+ * Every ioctl takes the mutex only here, after its argument is validated.
+ */
+#define DBD_LOCKED(call)				\
+({							\
+	int __ret;					\
+							\
+	mutex_lock(&dbd_ctl_mutex);			\
+	__ret = (call);					\
+	mutex_unlock(&dbd_ctl_mutex);			\
+	__ret;						\
+})
+
+/* An ioctl argument as copied in: its struct, and the strings it points to. */
+struct dbd_args {
+	union {
+		unsigned int minor;
+		struct setup_params setup;
+		struct reload_params reload;
+		struct transition_snap_params trans;
+		struct reconfigure_params reconf;
+		struct expand_cow_file_params expand;
+		struct reconfigure_auto_expand_params auto_expand;
+	};
+	char *bdev;
+	char *cow;
+};
+
+/* copy the argument struct: unreadable -> EFAULT */
+static int dbd_copy_in(void *p, const void __user *arg, size_t size)
+{
+	return copy_from_user(p, arg, size) ? -EFAULT : 0;
+}
+
 /* copy a user string: NULL -> EINVAL, > PATH_MAX incl. NUL -> EINVAL */
 static int dbd_get_string(const char __user *u, char **out)
 {
@@ -39,105 +74,48 @@ static int dbd_get_string(const char __user *u, char **out)
 	return 0;
 }
 
-static long dbd_ioctl_setup(void __user *arg)
+/* the bdev string, then the cow string */
+static int dbd_get_paths(struct dbd_args *a, const char __user *bdev,
+			 const char __user *cow)
 {
-	struct setup_params p;
-	char *bdev = NULL, *cow = NULL;
-	int err;
-
-	if (copy_from_user(&p, arg, sizeof(p)))
-		return -EFAULT;
-	err = dbd_get_string(p.bdev, &bdev);
-	if (!err)
-		err = dbd_get_string(p.cow, &cow);
-	if (!err) {
-		LOG_DEBUG("ioctl setup snapshot: minor %u bdev %s cow %s falloc %lu cache %lu",
-			  p.minor, bdev, cow, p.fallocated_space, p.cache_size);
-		mutex_lock(&dbd_ctl_mutex);
-		err = dbd_setup_snap(p.minor, bdev, cow, p.fallocated_space, p.cache_size);
-		mutex_unlock(&dbd_ctl_mutex);
-	}
-	kfree(bdev);
-	kfree(cow);
-	return err;
+	return dbd_get_string(bdev, &a->bdev) ?: dbd_get_string(cow, &a->cow);
 }
 
-static long dbd_ioctl_reload(void __user *arg, bool snap)
+/* under the mutex */
+static int dbd_info_locked(struct dattobd_info *info)
 {
-	struct reload_params p;
-	char *bdev = NULL, *cow = NULL;
-	int err;
+	struct dbd_tracer *tr;
 
-	if (copy_from_user(&p, arg, sizeof(p)))
-		return -EFAULT;
-	err = dbd_get_string(p.bdev, &bdev);
-	if (!err)
-		err = dbd_get_string(p.cow, &cow);
-	if (!err) {
-		mutex_lock(&dbd_ctl_mutex);
-		err = dbd_reload(p.minor, bdev, cow, p.cache_size, snap);
-		mutex_unlock(&dbd_ctl_mutex);
-	}
-	kfree(bdev);
-	kfree(cow);
-	return err;
+	if (info->minor >= dbd_max_minors)
+		return -EINVAL;
+	tr = dbd_minors[info->minor];
+	if (!tr)
+		return -ENOENT;
+	dbd_fill_info(tr, info);
+	return 0;
 }
 
-static long dbd_ioctl_minor(void __user *arg, int (*fn)(unsigned int))
+/* under the mutex: the lowest free minor, or -ENOENT */
+static int dbd_first_free_locked(void)
 {
-	unsigned int minor;
-	int err;
+	unsigned int i;
 
-	if (copy_from_user(&minor, arg, sizeof(minor)))
-		return -EFAULT;
-	mutex_lock(&dbd_ctl_mutex);
-	err = fn(minor);
-	mutex_unlock(&dbd_ctl_mutex);
-	return err;
-}
-
-static long dbd_ioctl_trans_snap(void __user *arg)
-{
-	struct transition_snap_params p;
-	char *cow = NULL;
-	int err;
-
-	if (copy_from_user(&p, arg, sizeof(p)))
-		return -EFAULT;
-	err = dbd_get_string(p.cow, &cow);
-	if (!err) {
-		mutex_lock(&dbd_ctl_mutex);
-		err = dbd_transition_snap(p.minor, cow, p.fallocated_space);
-		mutex_unlock(&dbd_ctl_mutex);
-	}
-	kfree(cow);
-	return err;
+	for (i = 0; i < dbd_max_minors; i++)
+		if (!dbd_minors[i])
+			return i;
+	return -ENOENT;
 }
 
 static long dbd_ioctl_info(void __user *arg)
 {
 	struct dattobd_info *info;
-	struct dbd_tracer *tr;
-	int err = 0;
+	int err;
 
 	info = kmalloc(sizeof(*info), GFP_KERNEL);
 	if (!info)
 		return -ENOMEM;
-	if (copy_from_user(info, arg, sizeof(*info))) {
-		kfree(info);
-		return -EFAULT;
-	}
-	mutex_lock(&dbd_ctl_mutex);
-	if (info->minor >= dbd_max_minors) {
-		err = -EINVAL;
-	} else {
-		tr = dbd_minors[info->minor];
-		if (!tr)
-			err = -ENOENT;
-		else
-			dbd_fill_info(tr, info);
-	}
-	mutex_unlock(&dbd_ctl_mutex);
+	err = dbd_copy_in(info, arg, sizeof(*info)) ?:
+	      DBD_LOCKED(dbd_info_locked(info));
 	if (!err && copy_to_user(arg, info, sizeof(*info)))
 		err = -EFAULT;
 	kfree(info);
@@ -146,17 +124,8 @@ static long dbd_ioctl_info(void __user *arg)
 
 static long dbd_ioctl_get_free(void __user *arg)
 {
-	unsigned int i;
-	int found = -ENOENT;
+	int found = DBD_LOCKED(dbd_first_free_locked());
 
-	mutex_lock(&dbd_ctl_mutex);
-	for (i = 0; i < dbd_max_minors; i++) {
-		if (!dbd_minors[i]) {
-			found = i;
-			break;
-		}
-	}
-	mutex_unlock(&dbd_ctl_mutex);
 	if (found < 0)
 		return found;
 	if (copy_to_user(arg, &found, sizeof(found)))
@@ -167,6 +136,7 @@ static long dbd_ioctl_get_free(void __user *arg)
 static long dbd_ctl_ioctl(struct file *f, unsigned int cmd, unsigned long uarg)
 {
 	void __user *arg = (void __user *)uarg;
+	struct dbd_args a = {};
 	long err;
 
 	if (!capable(CAP_SYS_ADMIN))
@@ -174,62 +144,65 @@ static long dbd_ctl_ioctl(struct file *f, unsigned int cmd, unsigned long uarg)
 
 	switch (cmd) {
 	case IOCTL_SETUP_SNAP:
-		err = dbd_ioctl_setup(arg);
+		err = dbd_copy_in(&a.setup, arg, sizeof(a.setup)) ?:
+		      dbd_get_paths(&a, a.setup.bdev, a.setup.cow);
+		if (err)
+			break;
+		LOG_DEBUG("ioctl setup snapshot: minor %u bdev %s cow %s falloc %lu cache %lu",
+			  a.setup.minor, a.bdev, a.cow, a.setup.fallocated_space,
+			  a.setup.cache_size);
+		err = DBD_LOCKED(dbd_setup_snap(a.setup.minor, a.bdev, a.cow,
+						a.setup.fallocated_space,
+						a.setup.cache_size));
 		break;
 	case IOCTL_RELOAD_SNAP:
-		err = dbd_ioctl_reload(arg, true);
-		break;
 	case IOCTL_RELOAD_INC:
-		err = dbd_ioctl_reload(arg, false);
+		err = dbd_copy_in(&a.reload, arg, sizeof(a.reload)) ?:
+		      dbd_get_paths(&a, a.reload.bdev, a.reload.cow) ?:
+		      DBD_LOCKED(dbd_reload(a.reload.minor, a.bdev, a.cow,
+					    a.reload.cache_size,
+					    cmd == IOCTL_RELOAD_SNAP));
 		break;
 	case IOCTL_DESTROY:
-		err = dbd_ioctl_minor(arg, dbd_destroy);
+		err = dbd_copy_in(&a.minor, arg, sizeof(a.minor)) ?:
+		      DBD_LOCKED(dbd_destroy(a.minor));
 		break;
 	case IOCTL_TRANSITION_INC:
-		err = dbd_ioctl_minor(arg, dbd_transition_inc);
+		err = dbd_copy_in(&a.minor, arg, sizeof(a.minor)) ?:
+		      DBD_LOCKED(dbd_transition_inc(a.minor));
 		break;
 	case IOCTL_TRANSITION_SNAP:
-		err = dbd_ioctl_trans_snap(arg);
+		err = dbd_copy_in(&a.trans, arg, sizeof(a.trans)) ?:
+		      dbd_get_string(a.trans.cow, &a.cow) ?:
+		      DBD_LOCKED(dbd_transition_snap(a.trans.minor, a.cow,
+						     a.trans.fallocated_space));
 		break;
-	case IOCTL_RECONFIGURE: {
-		struct reconfigure_params p;
-
-		if (copy_from_user(&p, arg, sizeof(p)))
-			return -EFAULT;
-		mutex_lock(&dbd_ctl_mutex);
-		err = dbd_reconfigure(p.minor, p.cache_size);
-		mutex_unlock(&dbd_ctl_mutex);
+	case IOCTL_RECONFIGURE:
+		err = dbd_copy_in(&a.reconf, arg, sizeof(a.reconf)) ?:
+		      DBD_LOCKED(dbd_reconfigure(a.reconf.minor,
+						 a.reconf.cache_size));
 		break;
-	}
 	case IOCTL_DATTOBD_INFO:
 		err = dbd_ioctl_info(arg);
 		break;
 	case IOCTL_GET_FREE:
 		err = dbd_ioctl_get_free(arg);
 		break;
-	case IOCTL_EXPAND_COW_FILE: {
-		struct expand_cow_file_params p;
-
-		if (copy_from_user(&p, arg, sizeof(p)))
-			return -EFAULT;
-		mutex_lock(&dbd_ctl_mutex);
-		err = dbd_expand(p.minor, p.size);
-		mutex_unlock(&dbd_ctl_mutex);
+	case IOCTL_EXPAND_COW_FILE:
+		err = dbd_copy_in(&a.expand, arg, sizeof(a.expand)) ?:
+		      DBD_LOCKED(dbd_expand(a.expand.minor, a.expand.size));
 		break;
-	}
-	case IOCTL_RECONFIGURE_AUTO_EXPAND: {
-		struct reconfigure_auto_expand_params p;
-
-		if (copy_from_user(&p, arg, sizeof(p)))
-			return -EFAULT;
-		mutex_lock(&dbd_ctl_mutex);
-		err = dbd_auto_expand(p.minor, p.step_size, p.reserved_space);
-		mutex_unlock(&dbd_ctl_mutex);
+	case IOCTL_RECONFIGURE_AUTO_EXPAND:
+		err = dbd_copy_in(&a.auto_expand, arg, sizeof(a.auto_expand)) ?:
+		      DBD_LOCKED(dbd_auto_expand(a.auto_expand.minor,
+						 a.auto_expand.step_size,
+						 a.auto_expand.reserved_space));
 		break;
-	}
 	default:
 		err = -EINVAL;
 	}
+	kfree(a.bdev);
+	kfree(a.cow);
 	if (err)
 		LOG_DEBUG("ioctl %#x returned %ld", cmd, err);
 	return err;

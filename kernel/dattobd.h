@@ -10,6 +10,7 @@
 #include <linux/wait.h>
 #include <linux/workqueue.h>
 #include <linux/sched.h>
+#include <linux/xarray.h>
 #include "compat.h"
 #include "dattobd_uapi.h"
 
@@ -54,8 +55,10 @@ struct dbd_extent {
 	u64 nr;
 };
 
+struct dbd_pin;
+
 struct cow_store {
-	struct file *filp;
+	struct dbd_pin *pin;		/* holds the inode while mounted read-write */
 	struct block_device *bdev;
 	u64 nblocks, nsect, data_offset, first_data_block;
 	u64 fpos, fsize, alloc_len;
@@ -72,6 +75,7 @@ struct cow_store {
 	struct dbd_extent *dext;	/* sorted by dsect: file area as the snapshot sees it */
 	unsigned int n_dext;
 	void *hdr0;			/* first 4 KiB of the file at snapshot time */
+	bool clean_on_disk;		/* header on disk says CLEAN (dormant) */
 };
 
 /* ---- tracer ------------------------------------------------------------ */
@@ -83,6 +87,7 @@ enum dbd_hook_mode {
 	DBD_HOOK_PASS = 0,	/* installed but writes pass untracked */
 	DBD_HOOK_SNAP = 1,	/* copy-on-write */
 	DBD_HOOK_INC = 2,	/* mark changed blocks */
+	DBD_HOOK_PRE = 3,	/* unverified: remember writes until the file is loaded */
 };
 
 struct dbd_tracer {
@@ -111,6 +116,7 @@ struct dbd_tracer {
 	atomic_t open_count;
 
 	struct task_struct *worker;
+	struct mutex wlock;		/* held by the worker while it processes a batch */
 	spinlock_t qlock;
 	struct bio_list writes;
 	struct bio_list reads;
@@ -130,7 +136,25 @@ struct dbd_tracer {
 	struct address_space *cow_mapping;	/* page cache of the active COW file */
 	struct work_struct fail_work;
 	bool fail_cleanup;
+
+	struct super_block *tried_sb;	/* unverified: superblock of the last failed activation */
+	struct xarray pre;		/* unverified snapshot: old data of blocks written early */
+	unsigned long pre_count;
+	bool pre_lost;			/* unverified snapshot: could not keep all early writes */
 };
+
+/* lifecycle.c */
+int dbd_lifecycle_init(void);
+void dbd_lifecycle_exit(void);
+void dbd_lifecycle_kick(void);
+void dbd_lifecycle_track(int delta);
+void dbd_reconcile(void);
+int dbd_pin_inode(struct inode *inode, struct dbd_pin **out);
+void dbd_unpin(struct dbd_pin *p);
+bool dbd_pin_alive(struct dbd_pin *p);
+void dbd_pin_invalidate(struct dbd_pin *p);
+struct file *dbd_open_in_fs(struct block_device *bdev, const char *bdev_path,
+			    const char *relpath, int flags);
 
 /* ctl.c */
 extern struct mutex dbd_ctl_mutex;
@@ -156,6 +180,9 @@ int dbd_tracer_error(struct dbd_tracer *tr);
 bool dbd_tracer_busy(struct dbd_tracer *tr);
 unsigned long dbd_cache_size(struct dbd_tracer *tr);
 void dbd_tracer_put(struct dbd_tracer *tr);
+void dbd_go_dormant(struct dbd_tracer *tr);
+void dbd_wake_dormant(struct dbd_tracer *tr);
+void dbd_activate_unverified(struct dbd_tracer *tr);
 extern struct workqueue_struct *dbd_wq;
 
 /* hook.c */
@@ -169,6 +196,7 @@ void dbd_tracked_submit(struct bio *bio);
 void dbd_hook_sync(void);
 void dbd_snap_write_blocks(struct dbd_tracer *tr, sector_t sect, unsigned int nr_sects,
 			   u64 *b0, u64 *b1);
+void dbd_mark_changed(struct dbd_tracer *tr, u64 b0, u64 b1);
 
 /* cow_store.c */
 struct dbd_io {
@@ -195,17 +223,24 @@ int cow_bb_add_file(struct cow_store *c, struct dbd_bb *bb, u64 foff, struct pag
 		    unsigned int off, unsigned int len);
 
 struct cow_store *cow_create(struct block_device *bdev, sector_t nr_sects, const char *path,
-			     u64 fsize, u64 falloc_mib, u64 seqid, const u8 *uuid, int *errp);
+			     u64 fsize, u64 falloc_mib, u64 seqid, const u8 *uuid, char **relpath,
+			     int *errp);
+struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct file *f, bool snap,
+			   int *errp);
+int cow_same_layout(struct cow_store *c, struct file *f);
+int cow_pin(struct cow_store *c, struct file *f);
+void cow_unpin(struct cow_store *c);
 u64 cow_entry_get(struct cow_store *c, u64 b);
 int cow_entry_set(struct cow_store *c, u64 b, u64 v);
 int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tracked);
-void cow_truncate_to_index(struct cow_store *c);
+int cow_write_header(struct cow_store *c, u32 flags, bool tracked);
+int cow_write_slots(struct cow_store *c, struct page **pages, unsigned int n, u64 fpos);
+void cow_truncate_to_index(struct cow_store *c, struct file *f);
 void cow_mark_data_blocks(struct cow_store *c, unsigned long *map, u64 nblocks);
-void cow_close(struct cow_store *c, bool unlink);
 void cow_free(struct cow_store *c);
-int cow_expand(struct dbd_tracer *tr, struct cow_store *c, u64 bytes);
+int cow_expand(struct dbd_tracer *tr, struct cow_store *c, struct file *f, u64 bytes);
 bool cow_dev_region(struct cow_store *c, sector_t s, u64 *fsect);
-int cow_path_in_fs(struct file *f, char **out);
+void dbd_set_immutable(struct inode *inode, bool on);
 
 /* worker (tracer.c) */
 int dbd_start_worker(struct dbd_tracer *tr, bool snap);

@@ -72,7 +72,7 @@ static bool dbd_all_preserved(struct dbd_tracer *tr, struct cow_store *c, u64 b0
 	return true;
 }
 
-static void dbd_mark_changed(struct dbd_tracer *tr, u64 b0, u64 b1)
+void dbd_mark_changed(struct dbd_tracer *tr, u64 b0, u64 b1)
 {
 	struct cow_store *c = READ_ONCE(tr->cow);
 	unsigned long *map = READ_ONCE(tr->changed);
@@ -110,9 +110,17 @@ static dbd_qc_t dbd_handle(struct bio *bio)
 	dbd_snap_write_blocks(tr, dbd_bio_rel_sector(bio, tr->bdev), bio_sectors(bio), &b0, &b1);
 
 	if (mode == DBD_HOOK_INC) {
-		dbd_mark_changed(tr, b0, b1);
-		goto pass;
+		struct cow_store *c = READ_ONCE(tr->cow);
+
+		/* dormant with a clean header: the worker dirties it first */
+		if (!c || !READ_ONCE(c->clean_on_disk)) {
+			dbd_mark_changed(tr, b0, b1);
+			goto pass;
+		}
+		goto queue;
 	}
+	if (mode == DBD_HOOK_PRE)
+		goto queue;	/* unverified snapshot: old data kept in memory */
 
 	/* snapshot mode */
 	if (bio_has_data(bio) && READ_ONCE(tr->cow_mapping) &&
@@ -136,6 +144,7 @@ static dbd_qc_t dbd_handle(struct bio *bio)
 	 */
 	if (dbd_all_preserved(tr, READ_ONCE(tr->cow), b0, b1) && !dbd_rtrack_overlaps(tr, b0, b1))
 		goto pass;
+queue:
 	spin_lock_irqsave(&tr->qlock, flags);
 	if (READ_ONCE(tr->hook_mode) == DBD_HOOK_PASS) {
 		spin_unlock_irqrestore(&tr->qlock, flags);

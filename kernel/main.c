@@ -60,8 +60,13 @@ static int __init dbd_init(void)
 	err = dbd_hook_init();
 	if (err)
 		goto fail_ctl;
+	err = dbd_lifecycle_init();
+	if (err)
+		goto fail_hook;
 	return 0;
 
+fail_hook:
+	dbd_hook_exit();
 fail_ctl:
 	dbd_ctl_exit();
 fail_proc:
@@ -80,6 +85,7 @@ static void __exit dbd_exit(void)
 	LOG_DEBUG("module exit");
 	dbd_ctl_exit();
 	dbd_destroy_all();
+	dbd_lifecycle_exit();
 	flush_workqueue(dbd_wq);
 	dbd_hook_exit();
 	dbd_proc_exit();

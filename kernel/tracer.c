@@ -13,6 +13,8 @@
 #include <linux/sort.h>
 #include <linux/statfs.h>
 #include <linux/bitmap.h>
+#include <linux/file.h>
+#include <linux/xarray.h>
 #include "dattobd.h"
 
 struct workqueue_struct *dbd_wq;
@@ -39,6 +41,7 @@ static void dbd_tracer_release(struct kref *k)
 
 	kfree(tr->bdev_path);
 	kfree(tr->cow_path);
+	xa_destroy(&tr->pre);
 	kfree(tr);
 }
 
@@ -47,14 +50,39 @@ void dbd_tracer_put(struct dbd_tracer *tr)
 	kref_put(&tr->ref, dbd_tracer_release);
 }
 
+/*
+ * Delete the COW file of @c (pinned by @tr), found again through the
+ * filesystem; if it cannot be reached the file is only released.
+ */
+static void dbd_delete_cow(struct dbd_tracer *tr, struct cow_store *c, const char *relpath)
+{
+	struct file *f = dbd_open_in_fs(tr->bdev, tr->bdev_path, relpath, O_RDONLY);
+	int err = PTR_ERR_OR_ZERO(f);
+
+	cow_unpin(c);
+	if (!err) {
+		err = dbd_vfs_unlink(f);
+		fput(f);
+	}
+	if (err)
+		LOG_ERROR(err, "error deleting cow file '%s' of minor %u", relpath, tr->minor);
+}
+
 static void dbd_fail_work(struct work_struct *w)
 {
 	struct dbd_tracer *tr = container_of(w, struct dbd_tracer, fail_work);
+	struct cow_store *c;
 
 	mutex_lock(&dbd_ctl_mutex);
-	if (!tr->dead && tr->cow && tr->cow->filp) {
+	c = tr->cow;
+	if (!tr->dead && c && c->pin) {
 		LOG_DEBUG("deleting cow file of failed tracer %u", tr->minor);
-		cow_close(tr->cow, true);
+		dbd_delete_cow(tr, c, tr->cow_path);
+	} else if (!tr->dead && c && c->clean_on_disk) {
+		/* dormant: the change list is incomplete from now on */
+		if (cow_write_header(c, c->flags & ~COW_CLEAN, false))
+			LOG_WARN("minor %u: could not mark the cow file dirty after the failure",
+				 tr->minor);
 	}
 	mutex_unlock(&dbd_ctl_mutex);
 	dbd_tracer_put(tr);
@@ -93,10 +121,14 @@ static void dbd_ae_work(struct work_struct *w)
 	mutex_lock(&dbd_ctl_mutex);
 	c = tr->cow;
 	if (!tr->dead && tr->ae_set && tr->ae_step && !dbd_tracer_error(tr) &&
-	    tr->state == (DBD_STATE_SNAPSHOT | DBD_STATE_ACTIVE) && c && c->filp) {
+	    tr->state == (DBD_STATE_SNAPSHOT | DBD_STATE_ACTIVE) && c && c->pin) {
 		struct kstatfs st;
 		bool ok;
-		int err = vfs_statfs(&c->filp->f_path, &st);
+		struct file *f = dbd_open_in_fs(tr->bdev, tr->bdev_path, tr->cow_path, O_RDWR);
+		int err = PTR_ERR_OR_ZERO(f);
+
+		if (!err)
+			err = vfs_statfs(&f->f_path, &st);
 
 		if (err) {
 			ok = tr->ae_reserved == 0;
@@ -106,8 +138,11 @@ static void dbd_ae_work(struct work_struct *w)
 
 			ok = need <= st.f_bavail;
 		}
-		if (ok) {
-			err = cow_expand(tr, c, tr->ae_step << 20);
+		if (IS_ERR(f)) {
+			LOG_ERROR(PTR_ERR(f), "auto-expand of minor %u cannot open the cow file",
+				  tr->minor);
+		} else if (ok) {
+			err = cow_expand(tr, c, f, tr->ae_step << 20);
 			if (err)
 				LOG_ERROR(err, "auto-expand of minor %u failed", tr->minor);
 			else
@@ -115,6 +150,8 @@ static void dbd_ae_work(struct work_struct *w)
 		} else {
 			LOG_DEBUG("auto-expand of minor %u refused: not enough free space", tr->minor);
 		}
+		if (!IS_ERR(f))
+			fput(f);
 	}
 	clear_bit(0, &tr->ae_running);
 	wake_up_all(&tr->ae_wait);
@@ -157,6 +194,8 @@ static struct dbd_tracer *dbd_tracer_alloc(unsigned int minor)
 	INIT_WORK(&tr->fail_work, dbd_fail_work);
 	INIT_WORK(&tr->ae_work, dbd_ae_work);
 	init_waitqueue_head(&tr->ae_wait);
+	mutex_init(&tr->wlock);
+	xa_init(&tr->pre);
 	return tr;
 }
 
@@ -253,6 +292,12 @@ static int dbd_preserve(struct dbd_tracer *tr, struct cow_store *c, struct dbd_w
 		return 0;
 	x->n = 0;
 	sort(x->blks, n, sizeof(u64), cmp_u64, NULL);
+	/* dormant: the clean index on disk is about to become stale */
+	if (c->clean_on_disk) {
+		err = cow_write_header(c, c->flags & ~COW_CLEAN, false);
+		if (err)
+			goto out_unlocked;
+	}
 
 	mutex_lock(&c->ext_mutex);
 	fpos = c->fpos;
@@ -267,8 +312,8 @@ static int dbd_preserve(struct dbd_tracer *tr, struct cow_store *c, struct dbd_w
 			goto out;
 		}
 		mutex_unlock(&c->ext_mutex);
-		wait_event_timeout(tr->ae_wait, !test_bit(0, &tr->ae_running) || READ_ONCE(tr->dead),
-				   DBD_AE_WAIT);
+		wait_event_timeout(tr->ae_wait, !test_bit(0, &tr->ae_running) || READ_ONCE(tr->dead) ||
+				   !READ_ONCE(tr->ae_set), DBD_AE_WAIT);
 		mutex_lock(&c->ext_mutex);
 		if (c->fsize == old) {
 			LOG_DEBUG("cow file of minor %u full, auto-expand did not help", tr->minor);
@@ -309,6 +354,7 @@ static int dbd_preserve(struct dbd_tracer *tr, struct cow_store *c, struct dbd_w
 	}
 out:
 	mutex_unlock(&c->ext_mutex);
+out_unlocked:
 	if (err)
 		for (i = 0; i < n; i++)
 			cow_entry_set(c, x->blks[i], 0);
@@ -375,6 +421,95 @@ static void dbd_process_writes(struct dbd_tracer *tr, struct bio_list *in, struc
 		dbd_release_write(tr, bio, !err);
 }
 
+/*
+ * Incremental writes that the hook handed over because the header on disk is
+ * clean (dormant): make it dirty before the first of them reaches the disk.
+ */
+static void dbd_inc_process(struct dbd_tracer *tr, struct bio_list *in)
+{
+	struct cow_store *c = tr->cow;
+	struct bio *bio;
+
+	if (c && c->clean_on_disk && !dbd_tracer_error(tr)) {
+		int err = cow_write_header(c, c->flags & ~COW_CLEAN, false);
+
+		if (err)
+			dbd_tracer_fail(tr, err);
+	}
+	while ((bio = bio_list_pop(in))) {
+		if (READ_ONCE(tr->hook_mode) == DBD_HOOK_INC && !dbd_tracer_error(tr)) {
+			u64 b0, b1;
+
+			dbd_bio_blocks(tr, bio, &b0, &b1);
+			dbd_mark_changed(tr, b0, b1);
+		}
+		submit_bio_noacct(bio);
+	}
+}
+
+/*
+ * Unverified snapshot (reloaded, file not loaded yet): keep the old data of
+ * every block written before activation in memory, so that activation can
+ * put it in the COW file where the file has no copy yet.  Bounded; beyond
+ * the bound activation fails instead of accepting an altered snapshot.
+ */
+#define DBD_PRE_MAX 16384	/* blocks (64 MiB) */
+
+static void dbd_pre_process(struct dbd_tracer *tr, struct bio_list *in)
+{
+	struct bio_list held;
+	struct dbd_io io;
+	struct dbd_bb bb;
+	struct bio *bio;
+	int err;
+
+	bio_list_init(&held);
+	dbd_io_init(&io);
+	dbd_bb_init(&bb, tr->bdev, REQ_OP_READ, &io);
+	while ((bio = bio_list_pop(in))) {
+		u64 b0, b1, b;
+
+		dbd_bio_blocks(tr, bio, &b0, &b1);
+		for (b = b0; b <= b1 && b < tr->nblocks && !tr->pre_lost; b++) {
+			struct page *pg;
+
+			if (xa_load(&tr->pre, b))
+				continue;
+			pg = tr->pre_count < DBD_PRE_MAX ? alloc_page(GFP_NOIO) : NULL;
+			if (!pg || xa_err(xa_store(&tr->pre, b, pg, GFP_NOIO))) {
+				if (pg)
+					__free_page(pg);
+				tr->pre_lost = true;
+				LOG_WARN("minor %u: too many writes before activation, the reloaded snapshot cannot be kept",
+					 tr->minor);
+				break;
+			}
+			tr->pre_count++;
+			dbd_bb_add(&bb, b * COW_BLOCK_SECTS, pg, PAGE_SIZE, 0);
+		}
+		bio_list_add(&held, bio);
+	}
+	dbd_bb_submit(&bb);
+	err = dbd_io_wait(&io);
+	if (err && !tr->pre_lost) {
+		tr->pre_lost = true;
+		LOG_ERROR(err, "minor %u: reading old data before activation failed", tr->minor);
+	}
+	while ((bio = bio_list_pop(&held)))
+		submit_bio_noacct(bio);
+}
+
+static void dbd_pre_free(struct dbd_tracer *tr)
+{
+	struct page *pg;
+	unsigned long b;
+
+	xa_for_each(&tr->pre, b, pg)
+		__free_page(pg);
+	xa_destroy(&tr->pre);
+	tr->pre_count = 0;
+}
+
 static int dbd_worker(void *data)
 {
 	struct dbd_tracer *tr = data;
@@ -409,14 +544,28 @@ static int dbd_worker(void *data)
 				break;
 			continue;
 		}
-		if (x && i == DBD_CHUNK) {
-			dbd_process_writes(tr, &w, x);
-		} else {
+		mutex_lock(&tr->wlock);
+		switch (READ_ONCE(tr->hook_mode)) {
+		case DBD_HOOK_SNAP:
+			if (x && i == DBD_CHUNK && tr->cow) {
+				dbd_process_writes(tr, &w, x);
+				break;
+			}
+			fallthrough;
+		case DBD_HOOK_PASS:
 			while ((bio = bio_list_pop(&w)))
 				submit_bio_noacct(bio);
+			break;
+		case DBD_HOOK_INC:
+			dbd_inc_process(tr, &w);
+			break;
+		case DBD_HOOK_PRE:
+			dbd_pre_process(tr, &w);
+			break;
 		}
 		while ((bio = bio_list_pop(&r)))
 			dbd_snapdev_process_read(tr, bio);
+		mutex_unlock(&tr->wlock);
 	}
 	if (x) {
 		while (i--)
@@ -487,9 +636,11 @@ static void dbd_teardown(struct dbd_tracer *tr)
 	}
 	dbd_snapdev_destroy(tr);
 	dbd_stop_worker(tr);
-	WRITE_ONCE(tr->cow_mapping, NULL);
+	dbd_pre_free(tr);
 	if (tr->cow) {
-		cow_close(tr->cow, true);	/* only active tracers hold an open file */
+		/* an active file is deleted; a dormant one (not pinned) is kept, clean */
+		if (tr->cow->pin)
+			dbd_delete_cow(tr, tr->cow, tr->cow_path);
 		cow_free(tr->cow);
 		tr->cow = NULL;
 	}
@@ -549,19 +700,16 @@ int dbd_setup_snap(unsigned int minor, const char *bdev_path, const char *cow_pa
 		rec_mib = falloc_mib;
 	}
 	generate_random_uuid(uuid);
-	tr->cow = cow_create(tr->bdev, tr->nr_sects, cow_path, fsize, rec_mib, 1, uuid, &err);
+	tr->cow = cow_create(tr->bdev, tr->nr_sects, cow_path, fsize, rec_mib, 1, uuid,
+			     &tr->cow_path, &err);
 	if (!tr->cow)
 		goto fail;
-	err = cow_path_in_fs(tr->cow->filp, &tr->cow_path);
-	if (err)
-		goto fail_cow;
 	err = dbd_snapdev_create(tr);
 	if (err)
 		goto fail_cow;
 	err = dbd_start_worker(tr, true);
 	if (err)
 		goto fail_cow;
-	WRITE_ONCE(tr->cow_mapping, tr->cow->filp->f_mapping);
 	err = dbd_install_snapshot(tr);
 	if (err)
 		goto fail_cow;
@@ -570,6 +718,7 @@ int dbd_setup_snap(unsigned int minor, const char *bdev_path, const char *cow_pa
 		goto fail_cow;
 	tr->state = DBD_STATE_SNAPSHOT | DBD_STATE_ACTIVE;
 	dbd_minors[minor] = tr;
+	dbd_lifecycle_track(1);
 	LOG_DEBUG("setup snapshot minor %u on %s, cow %s", minor, tr->bdev_path, tr->cow_path);
 	return 0;
 
@@ -583,40 +732,63 @@ fail:
 	return err;
 }
 
+/*
+ * Register an unverified tracer (4/5).  Unlike upstream, writes are watched
+ * from now on: incremental marks them in memory, snapshot keeps their old
+ * data in memory, so that activation at the first read-write mount (which
+ * itself writes, e.g. the ext4 superblock) leaves no gap.
+ */
 int dbd_reload(unsigned int minor, const char *bdev_path, const char *cow_path,
 	       unsigned long cache_size, bool snap)
 {
 	struct dbd_tracer *tr;
-	struct dbd_bdev bh = { 0 };
 	int err;
 
 	err = dbd_check_free(minor);
 	if (err)
 		return err;
-	err = dbd_bdev_open(bdev_path, &bh);
-	if (err) {
-		LOG_ERROR(err, "error opening block device '%s'", bdev_path);
-		return err;
-	}
-	if (dbd_writable_mounted(bh.bdev)) {
-		dbd_bdev_close(&bh);
-		LOG_ERROR(-EINVAL, "reload: block device '%s' is already mounted writable", bdev_path);
-		return -EINVAL;
-	}
-	dbd_bdev_close(&bh);
 	tr = dbd_tracer_alloc(minor);
 	if (!tr)
 		return -ENOMEM;
+	err = dbd_bdev_open(bdev_path, &tr->bh);
+	if (err) {
+		LOG_ERROR(err, "error opening block device '%s'", bdev_path);
+		goto fail;
+	}
+	tr->bdev = tr->bh.bdev;
+	if (dbd_writable_mounted(tr->bdev)) {
+		err = -EINVAL;
+		LOG_ERROR(err, "reload: block device '%s' is already mounted writable", bdev_path);
+		goto fail;
+	}
 	tr->bdev_path = kstrdup(bdev_path, GFP_KERNEL);
 	tr->cow_path = kstrdup(cow_path, GFP_KERNEL);
-	if (!tr->bdev_path || !tr->cow_path) {
-		dbd_tracer_put(tr);
-		return -ENOMEM;
-	}
+	tr->nr_sects = dbd_bdev_nr_sectors(tr->bdev);
+	tr->nblocks = tr->nr_sects / COW_BLOCK_SECTS;
+	err = -ENOMEM;
+	if (!tr->bdev_path || !tr->cow_path)
+		goto fail;
 	tr->cache_size = cache_size;
+	if (snap) {
+		err = dbd_start_worker(tr, true);
+		tr->hook_mode = DBD_HOOK_PRE;
+	} else {
+		tr->changed = kvzalloc(BITS_TO_LONGS(tr->nblocks + 1) * sizeof(long), GFP_KERNEL);
+		err = tr->changed ? dbd_start_worker(tr, false) : -ENOMEM;
+		tr->hook_mode = DBD_HOOK_INC;
+	}
+	if (!err)
+		err = dbd_hook_add(tr);
+	if (err)
+		goto fail;
 	tr->state = DBD_STATE_UNVERIFIED | (snap ? DBD_STATE_SNAPSHOT : 0);
 	dbd_minors[minor] = tr;
+	dbd_lifecycle_track(1);
 	return 0;
+fail:
+	dbd_teardown(tr);
+	dbd_tracer_put(tr);
+	return err;
 }
 
 int dbd_destroy(unsigned int minor)
@@ -628,6 +800,7 @@ int dbd_destroy(unsigned int minor)
 		return err;
 	dbd_teardown(tr);
 	dbd_minors[minor] = NULL;
+	dbd_lifecycle_track(-1);
 	dbd_tracer_put(tr);
 	LOG_DEBUG("destroyed minor %u", minor);
 	return 0;
@@ -645,6 +818,7 @@ void dbd_destroy_all(void)
 			continue;
 		dbd_teardown(tr);
 		dbd_minors[i] = NULL;
+		dbd_lifecycle_track(-1);
 		dbd_tracer_put(tr);
 	}
 	mutex_unlock(&dbd_ctl_mutex);
@@ -695,9 +869,13 @@ int dbd_transition_inc(unsigned int minor)
 	dbd_thaw(tr->bdev, &fz);
 
 	err = dbd_tracer_error(tr);
-	if (!err)
-		cow_truncate_to_index(tr->cow);
-	else
+	if (!err) {
+		struct file *f = dbd_open_in_fs(tr->bdev, tr->bdev_path, tr->cow_path, O_RDWR);
+
+		cow_truncate_to_index(tr->cow, f);
+		if (!IS_ERR(f))
+			fput(f);
+	} else
 		tr->cow->flags |= COW_INDEX_ONLY;
 	tr->ae_set = false;
 	tr->state = DBD_STATE_ACTIVE;
@@ -747,12 +925,9 @@ int dbd_transition_snap(unsigned int minor, const char *cow_path, unsigned long 
 		}
 	}
 	newc = cow_create(tr->bdev, tr->nr_sects, cow_path, fsize, rec_mib, oldc->seqid + 1,
-			  oldc->uuid, &err);
+			  oldc->uuid, &newpath, &err);
 	if (!newc)
 		return err;
-	err = cow_path_in_fs(newc->filp, &newpath);
-	if (err)
-		goto fail_new;
 	err = dbd_snapdev_create(tr);
 	if (err)
 		goto fail_new;
@@ -766,7 +941,6 @@ int dbd_transition_snap(unsigned int minor, const char *cow_path, unsigned long 
 		goto fail_worker;
 	}
 	oldmap = tr->changed;
-	WRITE_ONCE(tr->cow_mapping, newc->filp->f_mapping);
 	WRITE_ONCE(tr->cow, newc);
 	WRITE_ONCE(tr->changed, NULL);
 	dbd_hook_set_mode(tr, DBD_HOOK_SNAP);
@@ -790,8 +964,7 @@ int dbd_transition_snap(unsigned int minor, const char *cow_path, unsigned long 
 		if (e)
 			LOG_ERROR(e, "error finalizing previous cow file (ignored)");
 	}
-	cow_close(oldc, false);
-	cow_free(oldc);
+	cow_free(oldc);	/* releases the old file: kept, clean, for update-img */
 	kvfree(oldmap);
 	LOG_DEBUG("minor %u transitioned to snapshot, cow %s", minor, tr->cow_path);
 	return err;
@@ -802,8 +975,8 @@ fail_worker:
 fail_disk:
 	dbd_snapdev_destroy(tr);
 fail_new:
+	dbd_delete_cow(tr, newc, newpath);
 	kfree(newpath);
-	cow_close(newc, true);
 	cow_free(newc);
 	return err;
 }
@@ -829,9 +1002,17 @@ int dbd_expand(unsigned int minor, u64 size_mib)
 	if (err)
 		return err;
 	if (dbd_tracer_error(tr) || tr->state != (DBD_STATE_SNAPSHOT | DBD_STATE_ACTIVE) ||
-	    !tr->cow || !tr->cow->filp)
+	    !tr->cow || !tr->cow->pin)
 		return -EINVAL;
-	err = cow_expand(tr, tr->cow, size_mib << 20);
+	{
+		struct file *f = dbd_open_in_fs(tr->bdev, tr->bdev_path, tr->cow_path, O_RDWR);
+
+		err = PTR_ERR_OR_ZERO(f);
+		if (!err) {
+			err = cow_expand(tr, tr->cow, f, size_mib << 20);
+			fput(f);
+		}
+	}
 	if (err) {
 		LOG_ERROR(err, "error expanding cow file");
 		dbd_tracer_fail(tr, err);
@@ -873,4 +1054,205 @@ void dbd_fill_info(struct dbd_tracer *tr, struct dattobd_info *info)
 		info->seqid = 0;
 		memset(info->uuid, 0, 16);
 	}
+}
+
+/* ---- mount lifecycle (called by dbd_reconcile, under dbd_ctl_mutex) ------ */
+
+/*
+ * Active -> dormant: the filesystem was unmounted or remounted read-only.
+ * The index and a CLEAN header are written while the worker is paused, then
+ * the inode is released.  Tracking goes on: the first later write that
+ * changes the index makes the header dirty again before it reaches the disk
+ * (see dbd_preserve/dbd_inc_process), so a clean header on disk always means
+ * a complete change list (upstream keeps such writes only in memory, 9.10).
+ */
+void dbd_go_dormant(struct dbd_tracer *tr)
+{
+	struct cow_store *c = tr->cow;
+	bool snap = tr->state & DBD_STATE_SNAPSHOT;
+	int err;
+
+	tr->ae_set = false;	/* auto-expand settings are dropped by dormancy */
+	wake_up_all(&tr->ae_wait);
+	mutex_lock(&tr->wlock);
+	err = cow_finalize(c, COW_CLEAN | (snap ? 0 : COW_INDEX_ONLY), snap ? NULL : tr->changed,
+			   false);
+	cow_unpin(c);
+	tr->state &= ~DBD_STATE_ACTIVE;
+	mutex_unlock(&tr->wlock);
+	if (err) {
+		LOG_ERROR(err, "minor %u: error closing the cow file at unmount", tr->minor);
+		dbd_tracer_fail(tr, err);
+		return;
+	}
+	LOG_DEBUG("minor %u is dormant, cow file %s is clean", tr->minor, tr->cow_path);
+}
+
+/* Dormant -> active: the filesystem is read-write again. */
+void dbd_wake_dormant(struct dbd_tracer *tr)
+{
+	struct cow_store *c = tr->cow;
+	struct file *f;
+	int err;
+
+	f = dbd_open_in_fs(tr->bdev, tr->bdev_path, tr->cow_path, O_RDONLY);
+	if (IS_ERR(f)) {
+		err = PTR_ERR(f);
+		if (err == -EAGAIN)
+			return;
+		LOG_ERROR(err, "minor %u: cannot reopen cow file '%s' on %s", tr->minor,
+			  tr->cow_path, tr->bdev_path);
+		goto fail;
+	}
+	err = cow_same_layout(c, f);
+	if (err) {
+		LOG_ERROR(err, "minor %u: cow file '%s' was changed while the volume was unmounted",
+			  tr->minor, tr->cow_path);
+		fput(f);
+		goto fail;
+	}
+	err = cow_pin(c, f);
+	fput(f);
+	if (err)
+		goto fail;
+	mutex_lock(&tr->wlock);
+	if (c->clean_on_disk)
+		err = cow_write_header(c, c->flags & ~COW_CLEAN, false);
+	tr->state |= DBD_STATE_ACTIVE;
+	mutex_unlock(&tr->wlock);
+	if (err)
+		goto fail;
+	LOG_DEBUG("minor %u is active again", tr->minor);
+	return;
+fail:
+	dbd_tracer_fail(tr, err);
+}
+
+static int dbd_pre_flush(struct cow_store *c, struct page **pages, u64 *blks, unsigned int n)
+{
+	unsigned int i;
+	int err;
+
+	if ((c->fpos + n) * COW_BLOCK > c->fsize)
+		return -EFBIG;
+	err = cow_write_slots(c, pages, n, c->fpos);
+	for (i = 0; i < n && !err; i++) {
+		err = cow_entry_set(c, blks[i], c->fpos + i);
+		atomic64_inc(&c->nr_changed);
+	}
+	c->fpos += n;
+	return err;
+}
+
+/* put the old data kept before activation where the loaded file has none */
+static int dbd_pre_merge(struct dbd_tracer *tr, struct cow_store *c)
+{
+	struct page **pages = kmalloc_array(DBD_CHUNK, sizeof(*pages), GFP_KERNEL);
+	u64 *blks = kmalloc_array(DBD_CHUNK, sizeof(*blks), GFP_KERNEL);
+	unsigned int n = 0;
+	unsigned long b;
+	struct page *pg;
+	int err = 0;
+
+	if (!pages || !blks) {
+		err = -ENOMEM;
+		goto out;
+	}
+	xa_for_each(&tr->pre, b, pg) {
+		if (cow_entry_get(c, b))
+			continue;	/* the file already has the older copy */
+		blks[n] = b;
+		pages[n++] = pg;
+		if (n == DBD_CHUNK) {
+			err = dbd_pre_flush(c, pages, blks, n);
+			n = 0;
+			if (err)
+				goto out;
+		}
+	}
+	if (n)
+		err = dbd_pre_flush(c, pages, blks, n);
+out:
+	kfree(pages);
+	kfree(blks);
+	return err;
+}
+
+/*
+ * Unverified -> active at the first read-write mount: load the file found at
+ * <filesystem root>/<relative path> (checks of spec 4.4), mark its header
+ * dirty and start tracking from the state it describes plus what was written
+ * since the reload.  On failure the tracer stays unverified with the error
+ * set; the next read-write mount tries again (upstream never retries, 9.12).
+ */
+void dbd_activate_unverified(struct dbd_tracer *tr)
+{
+	bool snap = tr->state & DBD_STATE_SNAPSHOT;
+	struct cow_store *c;
+	struct file *f;
+	int err;
+
+	atomic_set(&tr->error, 0);
+	f = dbd_open_in_fs(tr->bdev, tr->bdev_path, tr->cow_path, O_RDONLY);
+	if (IS_ERR(f)) {
+		err = PTR_ERR(f);
+		if (err == -EAGAIN)
+			return;
+		LOG_ERROR(err, "reload of minor %u: cannot open cow file '%s' on %s", tr->minor,
+			  tr->cow_path, tr->bdev_path);
+		goto fail;
+	}
+	c = cow_load(tr->bdev, tr->nr_sects, f, snap, &err);
+	if (!c) {
+		LOG_ERROR(err, "reload of minor %u: cow file '%s' on %s refused", tr->minor,
+			  tr->cow_path, tr->bdev_path);
+		fput(f);
+		goto fail;
+	}
+	err = cow_pin(c, f);
+	fput(f);
+	if (err)
+		goto fail_cow;
+
+	mutex_lock(&tr->wlock);	/* the worker is paused from here */
+	err = cow_write_header(c, c->flags & ~COW_CLEAN, false);
+	if (!err && snap) {
+		if (tr->pre_lost) {
+			err = -EFBIG;
+			LOG_ERROR(err, "reload of minor %u: too much was written before activation",
+				  tr->minor);
+		} else {
+			err = dbd_pre_merge(tr, c);
+		}
+	}
+	if (err) {
+		mutex_unlock(&tr->wlock);
+		goto fail_cow;
+	}
+	WRITE_ONCE(tr->cow, c);
+	if (snap) {
+		dbd_pre_free(tr);
+		err = dbd_snapdev_create(tr);
+		if (!err)
+			dbd_hook_set_mode(tr, DBD_HOOK_SNAP);
+	}
+	mutex_unlock(&tr->wlock);
+	dbd_hook_sync();
+	if (!snap)
+		atomic64_set(&c->nr_changed, dbd_count_changed(tr));
+	tr->state = (tr->state & DBD_STATE_SNAPSHOT) | DBD_STATE_ACTIVE;
+	if (snap && !err)
+		err = dbd_snapdev_add(tr);
+	if (err) {
+		LOG_ERROR(err, "reload of minor %u: error creating the snapshot device", tr->minor);
+		dbd_tracer_fail(tr, err);
+		return;
+	}
+	LOG_DEBUG("reloaded minor %u is active (cow %s)", tr->minor, tr->cow_path);
+	return;
+
+fail_cow:
+	cow_free(c);	/* unpins; the file stays as it was (header untouched or re-dirtied) */
+fail:
+	atomic_set(&tr->error, err);
 }
