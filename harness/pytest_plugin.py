@@ -134,6 +134,31 @@ def guest(request: pytest.FixtureRequest, target: str, rootfs: str) -> Iterator[
 
 
 @pytest.fixture
+def boot_integration_guest(
+    request: pytest.FixtureRequest, target: str, rootfs: str, tmp_path: Any
+) -> Iterator[Guest]:
+    """A guest whose initramfs runs dist/'s early-boot reload (harness.bootint) before mounting
+    the root: the module is loaded by the initramfs at every boot, and persisted reload scripts
+    (`dbdctl persist-reload`) on the root are run as on a real system."""
+    from harness.bootint import boot_integration_image
+
+    image = boot_integration_image(target, tmp_path / "bootint", rootfs)
+    g = Guest(
+        target=target, rootfs=rootfs, name=request.node.nodeid, module=False, smp=default_smp(), image=image
+    )
+    try:
+        g.boot()
+    except BaseException:
+        g.finish(test_failed=True, artifact_dir=artifacts.test_dir(request.node.nodeid))
+        raise
+    yield g
+    g.finish(
+        test_failed=request.node.stash.get(_FAILED, False),
+        artifact_dir=artifacts.test_dir(request.node.nodeid),
+    )
+
+
+@pytest.fixture
 def module_guest(guest: Guest) -> Guest:
     """The `guest` with the dattobd module (built from kernel/ for the target) loaded, debug=1."""
     guest.load_module()

@@ -630,8 +630,9 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 	c->version = h->version;
 	atomic64_set(&c->nr_changed, h->nr_changed_blocks);
 	c->flags = h->flags & ~COW_CLEAN;
-	if (size < c->data_offset || (size & (COW_BLOCK - 1)) || c->fpos < c->first_data_block ||
-	    c->fpos * COW_BLOCK > size) {
+	/* fpos only means something while there is a data area (snapshot mode) */
+	if (size < c->data_offset || (size & (COW_BLOCK - 1)) ||
+	    (snap && (c->fpos < c->first_data_block || c->fpos * COW_BLOCK > size))) {
 		err = -EINVAL;
 		LOG_ERROR(err, "cow file does not fit this device (size %lld, fpos %llu, index end %llu)",
 			  (long long)size, c->fpos, c->data_offset);

@@ -205,3 +205,29 @@ def ensure_initramfs(target: Target, kernel: KernelFiles, kernel_key: str, progr
             write_initramfs(tmp / "initrd.cpio", kernel.module_dir)
 
     return art.ensure(build) / "initrd.cpio"
+
+
+def append_overlay(
+    base: Path, out: Path, files: dict[str, tuple[bytes, int]], links: Iterable[str] = ()
+) -> Path:
+    """Write `out` = the initramfs `base` followed by a second cpio archive holding `files`
+    (guest path -> (content, mode)) and busybox applet symlinks `links` in bin/. The kernel unpacks
+    concatenated archives in order, so the overlay adds to (or replaces parts of) the base without
+    rebuilding it. Directories of `files` are created as needed."""
+    buf = io.BytesIO()
+    w = CpioWriter(buf)
+    made: set[str] = set()
+    for name in sorted(files):
+        parts = name.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in made:
+                w.directory(d)
+                made.add(d)
+        data, mode = files[name]
+        w.file(name, data, mode)
+    for applet in links:
+        w.symlink(f"bin/{applet}", "busybox")
+    w.trailer()
+    out.write_bytes(base.read_bytes() + buf.getvalue())
+    return out
