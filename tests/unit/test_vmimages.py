@@ -456,3 +456,21 @@ def test_pin_latest_release_stays_in_series() -> None:
     apt = _FakeApt()
     assert pin.latest_release(apt, "6.1.0-54-amd64") == "6.1.0-56-amd64"  # type: ignore[arg-type]
     assert pin.latest_release(apt, "6.12.117+deb13-amd64") == "6.12.118+deb13-amd64"  # type: ignore[arg-type]
+
+
+def test_append_overlay_adds_a_second_archive(tmp_path: Path) -> None:
+    base = tmp_path / "base.cpio"
+    _sample_cpio(base)
+    out = initramfs.append_overlay(
+        base,
+        tmp_path / "o.cpio",
+        {"etc/x/y": (b"hi", 0o755), "premount": (b"#!/bin/sh\n", 0o755)},
+        ("blkid",),
+    )
+    data = out.read_bytes()
+    assert data.startswith(base.read_bytes())
+    overlay = initramfs.read_cpio(data[len(base.read_bytes()) :])
+    assert overlay["etc/x/y"] == (0o100755, b"hi")
+    assert overlay["premount"][1] == b"#!/bin/sh\n"
+    assert overlay["etc"][0] & 0o170000 == 0o040000 and overlay["etc/x"][0] & 0o170000 == 0o040000
+    assert overlay["bin/blkid"] == (0o120777, b"busybox")
