@@ -192,6 +192,26 @@ void cow_mark_data_blocks(struct cow_store *c, unsigned long *map, u64 nblocks)
 	mutex_unlock(&c->ext_mutex);
 }
 
+/*
+ * Device block holding the @i-th 4 KiB block of the file's header+index area
+ * [0, data_offset); false past it or if unmapped.  We rewrite that area
+ * beneath the filesystem (dormancy, activation), which changes what a later
+ * snapshot shows, so those blocks must be reported as changed.
+ */
+bool cow_meta_block(struct cow_store *c, u64 i, u64 *b)
+{
+	struct dbd_extent *e;
+
+	if (i >= c->data_offset / COW_BLOCK)
+		return false;
+	mutex_lock(&c->ext_mutex);
+	e = ext_find(c->ext, c->n_ext, i * COW_BLOCK_SECTS);
+	if (e)
+		*b = (e->dsect + (i * COW_BLOCK_SECTS - e->fsect)) / COW_BLOCK_SECTS;
+	mutex_unlock(&c->ext_mutex);
+	return e && *b < c->nblocks;
+}
+
 /* Is device sector @s part of the COW file area as the snapshot sees it? */
 bool cow_dev_region(struct cow_store *c, sector_t s, u64 *fsect)
 {
@@ -730,6 +750,8 @@ int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tr
 		}
 	}
 	c->flags = flags;
+	if (!tracked)
+		c->meta_written = true;
 	dbd_io_init(&io);
 	dbd_bb_init(&bb, c->bdev, REQ_OP_WRITE, &io);
 	bb.tracked = tracked;
@@ -781,6 +803,8 @@ int cow_write_header(struct cow_store *c, u32 flags, bool tracked)
 		cow_fill_header(c, a, flags);
 		dbd_kunmap(a);
 	}
+	if (!tracked)
+		c->meta_written = true;
 	dbd_io_init(&io);
 	dbd_bb_init(&bb, c->bdev, REQ_OP_WRITE | REQ_FUA, &io);
 	bb.tracked = tracked;

@@ -76,6 +76,7 @@ struct cow_store {
 	unsigned int n_dext;
 	void *hdr0;			/* first 4 KiB of the file at snapshot time */
 	bool clean_on_disk;		/* header on disk says CLEAN (dormant) */
+	bool meta_written;		/* we rewrote header/index beneath the filesystem */
 };
 
 /* ---- tracer ------------------------------------------------------------ */
@@ -237,6 +238,7 @@ int cow_write_header(struct cow_store *c, u32 flags, bool tracked);
 int cow_write_slots(struct cow_store *c, struct page **pages, unsigned int n, u64 fpos);
 void cow_truncate_to_index(struct cow_store *c, struct file *f);
 void cow_mark_data_blocks(struct cow_store *c, unsigned long *map, u64 nblocks);
+bool cow_meta_block(struct cow_store *c, u64 i, u64 *b);
 void cow_free(struct cow_store *c);
 int cow_expand(struct dbd_tracer *tr, struct cow_store *c, struct file *f, u64 bytes);
 bool cow_dev_region(struct cow_store *c, sector_t s, u64 *fsect);

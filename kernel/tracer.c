@@ -421,6 +421,18 @@ static void dbd_process_writes(struct dbd_tracer *tr, struct bio_list *in, struc
 		dbd_release_write(tr, bio, !err);
 }
 
+/* incremental: report the file's header/index blocks, rewritten by us, as changed */
+static void dbd_mark_meta(struct dbd_tracer *tr, struct cow_store *c)
+{
+	u64 i, b;
+
+	if (!tr->changed)
+		return;
+	for (i = 0; i < c->data_offset / COW_BLOCK; i++)
+		if (cow_meta_block(c, i, &b))
+			dbd_mark_changed(tr, b, b);
+}
+
 /*
  * Incremental writes that the hook handed over because the header on disk is
  * clean (dormant): make it dirty before the first of them reaches the disk.
@@ -431,8 +443,10 @@ static void dbd_inc_process(struct dbd_tracer *tr, struct bio_list *in)
 	struct bio *bio;
 
 	if (c && c->clean_on_disk && !dbd_tracer_error(tr)) {
-		int err = cow_write_header(c, c->flags & ~COW_CLEAN, false);
+		int err;
 
+		dbd_mark_meta(tr, c);
+		err = cow_write_header(c, c->flags & ~COW_CLEAN, false);
 		if (err)
 			dbd_tracer_fail(tr, err);
 	}
@@ -864,6 +878,14 @@ int dbd_transition_inc(unsigned int minor)
 	/* the old worker finishes its queued COW work */
 	dbd_stop_worker(tr);
 	cow_mark_data_blocks(tr->cow, map, tr->nblocks);
+	if (tr->cow->meta_written) {
+		u64 i, b;
+
+		/* header/index rewritten beneath the snapshot (dormancy, reload) */
+		for (i = 0; i < tr->cow->data_offset / COW_BLOCK; i++)
+			if (cow_meta_block(tr->cow, i, &b))
+				set_bit(b, map);
+	}
 	if (tr->cow->version >= 1)
 		atomic64_set(&tr->cow->nr_changed, dbd_count_changed(tr));
 	dbd_thaw(tr->bdev, &fz);
@@ -1074,7 +1096,17 @@ void dbd_go_dormant(struct dbd_tracer *tr)
 
 	tr->ae_set = false;	/* auto-expand settings are dropped by dormancy */
 	wake_up_all(&tr->ae_wait);
+	/*
+	 * From here the hook hands every index-changing write to the worker,
+	 * which waits for wlock and then makes the header dirty again first:
+	 * no write can slip between the index written below and the CLEAN
+	 * header.
+	 */
+	WRITE_ONCE(c->clean_on_disk, true);
+	dbd_hook_sync();
 	mutex_lock(&tr->wlock);
+	if (!snap)
+		dbd_mark_meta(tr, c);	/* before the fold: the file is about to change */
 	err = cow_finalize(c, COW_CLEAN | (snap ? 0 : COW_INDEX_ONLY), snap ? NULL : tr->changed,
 			   false);
 	cow_unpin(c);
@@ -1116,8 +1148,10 @@ void dbd_wake_dormant(struct dbd_tracer *tr)
 	if (err)
 		goto fail;
 	mutex_lock(&tr->wlock);
-	if (c->clean_on_disk)
+	if (c->clean_on_disk) {
+		dbd_mark_meta(tr, c);
 		err = cow_write_header(c, c->flags & ~COW_CLEAN, false);
+	}
 	tr->state |= DBD_STATE_ACTIVE;
 	mutex_unlock(&tr->wlock);
 	if (err)
@@ -1215,6 +1249,7 @@ void dbd_activate_unverified(struct dbd_tracer *tr)
 		goto fail_cow;
 
 	mutex_lock(&tr->wlock);	/* the worker is paused from here */
+	dbd_mark_meta(tr, c);
 	err = cow_write_header(c, c->flags & ~COW_CLEAN, false);
 	if (!err && snap) {
 		if (tr->pre_lost) {
