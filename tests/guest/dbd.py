@@ -94,3 +94,44 @@ def write_file(guest: Guest, path: str, mib: int, seed: str) -> None:
         'f.flush(); os.fsync(f.fileno())"',
         timeout=300,
     )
+
+
+# -- lifecycle helpers (tests/guest/test_lifecycle.py) ---------------------------------------------
+
+
+def device_sectors(guest: Guest, device: str) -> int:
+    return int(guest.check(f"blockdev --getsz {device}").stdout)
+
+
+def cow_report(guest: Guest, path: str, sectors: int | None = None) -> dict[str, Any]:
+    """pydbd's verifier (spec 4.5) run on a COW file in the guest: VerifyReport.to_dict()."""
+    code = f"from pydbd.cow import verify\nresult = verify({path!r}, {sectors!r}).to_dict()\n"
+    report = guest.py(code)
+    assert isinstance(report, dict)
+    return report
+
+
+def proc_device(guest: Guest, minor: int) -> dict[str, Any] | None:
+    """The /proc/datto-info entry of `minor`, or None."""
+    return next((d for d in proc_devices(guest) if d["minor"] == minor), None)
+
+
+def drop_caches(guest: Guest) -> None:
+    guest.check("sync; echo 3 > /proc/sys/vm/drop_caches")
+
+
+def fiemap(guest: Guest, path: str) -> list[tuple[int, int, int]]:
+    """The file's extents as (logical, physical, length) in bytes (FS_IOC_FIEMAP, synced first)."""
+    code = (
+        "import fcntl, os, struct\n"
+        f"fd = os.open({path!r}, os.O_RDONLY)\n"
+        "n = 64\n"
+        "buf = bytearray(struct.pack('=QQIIII', 0, 2**64 - 1, 1, 0, n, 0) + bytes(56 * n))\n"
+        "fcntl.ioctl(fd, 0xC020660B, buf)\n"
+        "os.close(fd)\n"
+        "count = struct.unpack_from('=I', buf, 20)[0]\n"
+        "result = [list(struct.unpack_from('=QQQ', buf, 32 + 56 * i)) for i in range(count)]\n"
+    )
+    extents = guest.py(code)
+    assert isinstance(extents, list)
+    return [(int(a), int(b), int(c)) for a, b, c in extents]
