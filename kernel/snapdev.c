@@ -188,24 +188,35 @@ void dbd_snapdev_process_read(struct dbd_tracer *tr, struct bio *bio)
 			unsigned int k;
 			bool region = false;
 
-			if (v && !(v & COW_PENDING)) {
+			bool mapped = v && !(v & COW_PENDING);
+
+			/*
+			 * Sectors of the COW file itself always read as the file
+			 * was at snapshot time, even inside a preserved block: a
+			 * 4 KiB block can straddle the file (1 KiB-block
+			 * filesystems) and its preserved copy may hold header or
+			 * data we wrote there later (dormancy, COW data).
+			 */
+			for (k = 0; k < (n >> 9); k++)
+				if (cow_dev_region(c, s + k, &fs)) {
+					region = true;
+					break;
+				}
+			if (!region && mapped) {
 				err = cow_bb_add_file(c, &bb, v * COW_BLOCK +
 						      ((s % COW_BLOCK_SECTS) << 9), bv.bv_page, off, n);
+			} else if (!region) {
+				dbd_bb_add(&bb, s, bv.bv_page, n, off);
 			} else {
-				for (k = 0; k < (n >> 9); k++)
-					if (cow_dev_region(c, s + k, &fs)) {
-						region = true;
-						break;
-					}
-				if (!region) {
-					dbd_bb_add(&bb, s, bv.bv_page, n, off);
-				} else {
-					for (k = 0; k < (n >> 9); k++) {
-						if (cow_dev_region(c, s + k, &fs))
-							dbd_fill_from_file(c, bv.bv_page, off + (k << 9), fs);
-						else
-							dbd_bb_add(&bb, s + k, bv.bv_page, 512, off + (k << 9));
-					}
+				for (k = 0; k < (n >> 9) && !err; k++) {
+					if (cow_dev_region(c, s + k, &fs))
+						dbd_fill_from_file(c, bv.bv_page, off + (k << 9), fs);
+					else if (mapped)
+						err = cow_bb_add_file(c, &bb, v * COW_BLOCK +
+								      (((s + k) % COW_BLOCK_SECTS) << 9),
+								      bv.bv_page, off + (k << 9), 512);
+					else
+						dbd_bb_add(&bb, s + k, bv.bv_page, 512, off + (k << 9));
 				}
 			}
 			s += n >> 9;

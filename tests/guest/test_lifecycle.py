@@ -154,8 +154,8 @@ def test_umount_mount_cycle_snapshot(module_guest: Guest, ext4_volume: Volume, r
     # the header is dirty again on disk until the next mount (doc/lifecycle.md, "Going dormant").
     blocks = min(length, 1 << 20) // 4096
     g.check(
-        f"head -c {blocks * 4096} /dev/urandom > /root/rand && dd if=/root/rand of={vol.device} bs=4096 "
-        f"seek={physical // 4096} count={blocks} conv=notrunc oflag=direct status=none"
+        f"head -c {blocks * 4096} /dev/urandom > /root/rand && dd if=/root/rand of={vol.device} bs=1024 "
+        f"seek={physical // 1024} count={blocks * 4} conv=notrunc oflag=direct status=none"
     )
     assert not _flags(_cow_via_ro_mount(g, vol.device)) & CLEAN, "a write while dormant must dirty the header"
 
@@ -294,10 +294,10 @@ def test_raw_writes_while_dormant_are_tracked(module_guest: Guest, ext4_volume: 
     dormant = info(g, 0).nr_changed_blocks
     g.check("head -c 1048576 /dev/urandom > /root/rand")
     for logical, physical, length in extents:
-        assert logical % 4096 == physical % 4096 == length % 4096 == 0
+        assert logical % 1024 == physical % 1024 == length % 1024 == 0  # 1 KiB-block ext4 too
         g.check(
-            f"dd if=/root/rand of={vol.device} bs=4096 skip={logical // 4096} seek={physical // 4096} "
-            f"count={length // 4096} conv=notrunc oflag=direct status=none"
+            f"dd if=/root/rand of={vol.device} bs=1024 skip={logical // 1024} seek={physical // 1024} "
+            f"count={length // 1024} conv=notrunc oflag=direct status=none"
         )
     assert _state(g) == (0, 0)
     assert not _flags(_cow_via_ro_mount(g, vol.device)) & CLEAN, "a write while dormant must dirty the header"
