@@ -490,3 +490,33 @@ def test_other_unmounts_and_failed_umount_keep_active(module_guest: Guest, ext4_
     assert sha256(g, "/dev/datto0") == snap
     assert dbdctl(g, "destroy 0").rc == 0
     g.assert_no_kernel_findings()
+
+
+def test_reload_snapshot_after_clean_reboot(module_guest: Guest, ext4_volume: Volume) -> None:
+    """A snapshot survives a clean reboot: reload-snapshot (5) before the mount, the read-write
+    mount activates it (3) and /dev/datto0 is byte-identical to before the reboot, although the
+    mount itself rewrote the ext4 superblock before activation (old data kept since the reload)."""
+    g, vol = module_guest, ext4_volume
+    write_file(g, f"{MNT}/a", 4, "before")
+    assert dbdctl(g, f"setup-snapshot -f 40 {vol.device} {COW} 0").rc == 0
+    write_file(g, f"{MNT}/a", 4, "after")
+    g.check("sync")
+    snap = sha256(g, "/dev/datto0")
+    _umount(g)
+    assert _state(g) == (1, 0)
+
+    g.reboot()
+    g.load_module()
+    install_tools(g)
+    r = dbdctl(g, f"reload-snapshot {vol.device} {COW_REL} 0")
+    assert r.rc == 0, r.stderr
+    assert _state(g) == (5, 0)
+    assert g.run("test -e /dev/datto0").rc != 0, "no snapshot device while unverified (spec 3)"
+    _mount(g, vol.device)
+    assert _state(g) == (3, 0)
+    assert sha256(g, "/dev/datto0") == snap, "the reloaded snapshot differs from the one before the reboot"
+    write_file(g, f"{MNT}/a", 4, "later")
+    g.check("sync")
+    assert sha256(g, "/dev/datto0") == snap
+    assert dbdctl(g, "destroy 0").rc == 0
+    g.assert_no_kernel_findings()
