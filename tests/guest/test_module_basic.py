@@ -249,3 +249,47 @@ def test_partition_uses_relative_blocks(module_guest: Guest) -> None:
     assert sha256(g, "/mnt/snap/a") != before
     g.check("umount /mnt/snap")
     assert dbdctl(g, "destroy 0").rc == 0
+
+
+def test_destroy_unverified_tracer(module_guest: Guest, ext4_volume: Volume) -> None:
+    """An unverified tracer never opened its COW file: destroy frees the minor and leaves the file."""
+    g, vol = module_guest, ext4_volume
+    g.check(f"echo keep > {COW} && umount /mnt/vol")
+    assert dbdctl(g, f"reload-incremental {vol.device} /.datto 0").rc == 0
+    i = info(g, 0)
+    assert (i.state, i.error, i.bdev, i.cow) == (4, 0, vol.device, "/.datto")
+    assert dbdctl(g, "get-free").stdout.strip() == "1"
+    assert g.run("test -e /dev/datto0").rc != 0
+    assert ctl(g, "destroy", 0) == 0
+    assert ctl(g, "info", 0) == errno.ENOENT
+    assert dbdctl(g, "get-free").stdout.strip() == "0"
+    assert g.check("cat /proc/datto-info").stdout == EMPTY_PROC
+    g.check(f"mount {vol.device} /mnt/vol")
+    assert g.check(f"cat {COW}").stdout == "keep\n"
+
+
+def test_proc_matches_info_unverified(module_guest: Guest, ext4_volume: Volume) -> None:
+    """Unverified tracers (states 4 and 5): /proc prints only minor, paths, max_cache and state."""
+    g, vol = module_guest, ext4_volume
+    g.check("umount /mnt/vol")
+    # Strings are stored verbatim: a relative COW path and a non-canonical device path.
+    bdev = f"/dev/../dev/{vol.device.removeprefix('/dev/')}"
+    assert dbdctl(g, f"reload-incremental -c 8388608 {bdev} some/cow 1").rc == 0
+    assert dbdctl(g, f"reload-snapshot {bdev} /.datto 3").rc == 0
+    devices = proc_devices(g)
+    assert [d["minor"] for d in devices] == [1, 3]
+    for d, state, cow, cache in zip(
+        devices, (4, 5), ("some/cow", "/.datto"), (8388608, 314572800), strict=True
+    ):
+        i = info(g, d["minor"])
+        assert (i.state, i.error, i.cow, i.bdev, i.cache_size) == (state, 0, cow, bdev, cache)
+        assert (i.falloc_size, i.seqid, i.uuid) == (0, 0, "0" * 32)
+        assert d == {
+            "minor": i.minor,
+            "cow_file": i.cow,
+            "block_device": i.bdev,
+            "max_cache": i.cache_size,
+            "state": i.state,
+        }
+    assert dbdctl(g, "destroy 1").rc == 0 and dbdctl(g, "destroy 3").rc == 0
+    assert g.check("cat /proc/datto-info").stdout == EMPTY_PROC
