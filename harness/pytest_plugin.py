@@ -120,7 +120,11 @@ def guest(request: pytest.FixtureRequest, target: str, rootfs: str) -> Iterator[
     kwargs: dict[str, Any] = {"disks": DEFAULT_DISKS, **(marker.kwargs if marker else {})}
     kwargs.setdefault("module", False)
     kwargs.setdefault("smp", default_smp())
-    g = Guest(target=target, rootfs=rootfs, name=request.node.nodeid, **kwargs)
+    yield from _booted(request, Guest(target=target, rootfs=rootfs, name=request.node.nodeid, **kwargs))
+
+
+def _booted(request: pytest.FixtureRequest, g: Guest) -> Iterator[Guest]:
+    """Boot g for the test, then finish it (artifacts on failure, kernel findings fail the test)."""
     try:
         g.boot()
     except BaseException:
@@ -146,16 +150,7 @@ def boot_integration_guest(
     g = Guest(
         target=target, rootfs=rootfs, name=request.node.nodeid, module=False, smp=default_smp(), image=image
     )
-    try:
-        g.boot()
-    except BaseException:
-        g.finish(test_failed=True, artifact_dir=artifacts.test_dir(request.node.nodeid))
-        raise
-    yield g
-    g.finish(
-        test_failed=request.node.stash.get(_FAILED, False),
-        artifact_dir=artifacts.test_dir(request.node.nodeid),
-    )
+    yield from _booted(request, g)
 
 
 @pytest.fixture

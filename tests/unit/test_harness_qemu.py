@@ -74,7 +74,7 @@ def test_kernel_cmdline(tmp_path: Path) -> None:
     line = kernel_cmdline(_cfg(tmp_path, append_extra=("loglevel=7",)))
     assert line.split() == [
         "root=/dev/vda", "rw", "console=ttyS0", "init=/usr/sbin/testinit", "panic=-1",
-        "no_timer_check",
+        "no_timer_check", "pci=noacpi", "cryptomgr.notests",
         "dbd.9p=src:/src:ro,xchg:/xchg", "loglevel=7",
     ]  # fmt: skip
 

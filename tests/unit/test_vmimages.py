@@ -193,6 +193,17 @@ def test_write_initramfs(tmp_path: Path) -> None:
     assert names[-1] == "crc32c-intel.ko"
 
 
+def test_strip_signature() -> None:
+    body, sig = b"\x7fELF module body", b"S" * 300
+    info = bytes(8) + len(sig).to_bytes(4, "big")
+    signed = body + sig + info + initramfs.SIG_MARKER
+    assert initramfs.strip_signature(signed) == body
+    assert initramfs.strip_signature(body) == body
+    bad = body + bytes(8) + (10**6).to_bytes(4, "big") + initramfs.SIG_MARKER
+    with pytest.raises(initramfs.InitramfsError, match="malformed module signature"):
+        initramfs.strip_signature(bad)
+
+
 def test_guest_scripts_parse() -> None:
     guest = Path(matrix.__file__).with_name("guest")
     subprocess.run(["bash", "-n", str(guest / "testinit")], check=True)
