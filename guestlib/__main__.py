@@ -15,6 +15,7 @@ Commands:
   signed-check-files DIR --state STATE
   churn DIR --seed S --ops N --manifest OUT [--max-bytes B] [--unsynced-ops K]
   check-manifest DIR MANIFEST [--ignore-deleted] [--fsck DEV --fstype T]
+  point-in-time SNAPROOT MANIFEST [--fsck DEV --fstype T]   oracle (b)
   change-list HASH_N HASH_N1 COW                    oracle (c)
   update-img SNAPSHOT COW IMAGE [--sha256 HEX]      oracle (c), update-img part
   cow-structure COW SNAPSHOT [--sectors N] [--written FILE] [--exact] [--seqid N] [--uuid HEX]
@@ -129,6 +130,11 @@ def _cmd_check_manifest(a: argparse.Namespace) -> int:
     return _emit(result.to_json())
 
 
+def _cmd_point_in_time(a: argparse.Namespace) -> int:
+    manifest, _volatile = churn.load_manifest(a.manifest)
+    return _emit(oracles.point_in_time(a.dir, manifest, fsck_device=a.fsck, fstype=a.fstype).to_json())
+
+
 def _cmd_change_list(a: argparse.Namespace) -> int:
     result = oracles.change_list_complete(
         blockhash.load_digests(a.hash_n), blockhash.load_digests(a.hash_n1), a.cow
@@ -212,6 +218,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add("check-manifest", _cmd_check_manifest, "dir", "manifest")
     p.add_argument("--ignore-deleted", action="store_true")
+    p.add_argument("--fsck", metavar="DEV")
+    p.add_argument("--fstype", default="ext4")
+
+    p = add("point-in-time", _cmd_point_in_time, "dir", "manifest")
     p.add_argument("--fsck", metavar="DEV")
     p.add_argument("--fstype", default="ext4")
 

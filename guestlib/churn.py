@@ -298,6 +298,20 @@ class _Churner:
                 os.close(fd)
         os.sync()
 
+    def adopt_existing(self) -> None:
+        """Take the files an earlier churn left (``d<N>/f<M>.bin``) into the model, so this run
+        overwrites, truncates and deletes them too; new names continue after the highest M."""
+        for sub in self.dirs:
+            for name in sorted(os.listdir(self.full(sub))):
+                stem = name.removesuffix(".bin")
+                if not (name.endswith(".bin") and stem[:1] == "f" and stem[1:].isdigit()):
+                    continue
+                rel = f"{sub}/{name}"
+                with open(self.full(rel), "rb") as handle:
+                    self.files[rel] = bytearray(handle.read())
+                self.ever.add(rel)
+                self.counter = max(self.counter, int(stem[1:]))
+
     def manifest(self) -> Manifest:
         result: Manifest = dict.fromkeys(self.ever)
         for rel, content in self.files.items():
@@ -315,11 +329,13 @@ def churn(
     dirs: int = 4,
     unsynced_ops: int = 0,
 ) -> ChurnResult:
-    """Churn ``directory`` (created if missing; names ``d<N>/f<M>.bin`` must not exist yet)."""
+    """Churn ``directory`` (created if missing). Files an earlier churn left there are part of the
+    model from the start (see _Churner.adopt_existing)."""
     root = os.fspath(directory)
     churner = _Churner(root, random.Random(seed), max_bytes, max_file_size, dirs)
     for sub in churner.dirs:
         os.makedirs(os.path.join(root, sub), exist_ok=True)
+    churner.adopt_existing()
     for _ in range(ops):
         churner.step()
     churner.sync_all()

@@ -66,7 +66,7 @@ def snapshot_stability(earlier: bytes, later: bytes) -> OracleResult:
     first = blockhash.first_difference(earlier, later)
     nb = blockhash.block_count(earlier)
     if first is None:
-        return OracleResult("snapshot-stability", True, f"all {nb} blocks unchanged")
+        return OracleResult("snapshot-stability", True, f"all {nb} blocks unchanged", details={"blocks": nb})
     total = sum(1 for _ in blockhash.iter_differing_blocks(earlier, later))
     if blockhash.block_count(later) != nb:
         why = f"snapshot size changed from {nb} to {blockhash.block_count(later)} blocks"
@@ -80,7 +80,7 @@ def snapshot_stability(earlier: bytes, later: bytes) -> OracleResult:
         False,
         f"{why}; {total} blocks differ in all",
         first_block=first,
-        details={"differing": total},
+        details={"differing": total, "blocks": nb},
     )
 
 
@@ -214,6 +214,7 @@ def change_list_complete(
             m = next(marked, None)
     precision = hits / n_marked if n_marked else 1.0
     details: dict[str, Any] = {
+        "blocks": nblocks,
         "differing": n_diff,
         "marked": n_marked,
         "missed": n_missed,
@@ -272,7 +273,7 @@ def update_img_matches(
         )
     want = expected_sha256 or blockhash.sha256_device(snapshot)
     got = blockhash.sha256_device(image)
-    details.update(image_sha256=got, snapshot_sha256=want)
+    details.update(image_sha256=got, snapshot_sha256=want, blocks=_blocks_of(image))
     if got == want:
         return OracleResult(
             "update-img", True, f"updated image equals snapshot N+1 (sha256 {got[:16]}...)", details=details
@@ -288,6 +289,15 @@ def update_img_matches(
         first_block=first,
         details=details,
     )
+
+
+def _blocks_of(path: str) -> int:
+    """4 KiB blocks of a file or block device (a partial last block counts)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return -(-blockhash.device_size(fd) // BLOCK_SIZE)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.images import REPO_ROOT, guest_image, module_path
+from harness.images import guest_image, module_path
+from harness.qemu import REPO_ROOT
 from vmimages.initramfs import append_overlay
 
 DIST = REPO_ROOT / "dist"

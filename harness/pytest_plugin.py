@@ -7,11 +7,17 @@ Tests that use `target` (directly or through `guest`, `module_guest`, ...) run o
 Guests fail (never skip) when they cannot boot. Each guest has its own run dir, so `-n 2` is safe.
 
 Per-test guest settings: `@pytest.mark.guest_config(disks=[DiskSpec(1024)], memory_mib=2048, smp=1)`.
+
+Matrix depth: tests marked `deep` (scenario variants whose kernel-facing paths another test already
+covers on every kernel) run only on the `--deep-on` kernels. The default, `auto`, is the default
+target when `--kernel all` (what CI runs) and every chosen kernel otherwise, so naming one kernel
+runs everything on it. The other kernels' deep instances are deselected, and the header says so.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +27,21 @@ import pytest
 from harness import artifacts, images
 from harness.guest import DEFAULT_DISKS, Guest
 from harness.images import GuestDisk
+from harness.oracles import Oracles, Tally
 from harness.qemu import DiskSpec
 
-GUEST_FIXTURES = {"guest", "module_guest", "scratch_disk", "ext4_volume", "xfs_volume", "guest_image"}
+GUEST_FIXTURES = {
+    "oracles",
+    "guest",
+    "module_guest",
+    "scratch_disk",
+    "ext4_volume",
+    "xfs_volume",
+    "guest_image",
+}
 VOLUME_MOUNT = "/mnt/vol"
 _FAILED = pytest.StashKey[bool]()
+_SEED = pytest.StashKey[int]()
 
 
 @dataclass(frozen=True)
@@ -44,12 +60,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="guest kernel target(s): a name, a comma list, or 'all' (default debian-6.1)",
     )
     group.addoption("--rootfs", default=os.environ.get("DBD_ROOTFS", "bookworm"), help="guest root fs")
+    group.addoption(
+        "--seed",
+        type=int,
+        default=int(os.environ["DBD_SEED"]) if os.environ.get("DBD_SEED") else None,
+        help="base seed of the oracle scenarios (default: each test's own fixed seed, printed on failure)",
+    )
+    group.addoption(
+        "--deep-on",
+        default=os.environ.get("DBD_DEEP_ON", "auto"),
+        help="kernels that also run the tests marked deep: 'auto' (the default target with --kernel all, "
+        "else every chosen kernel), 'all', or a comma list",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "guest: needs a QEMU guest (boots a throwaway VM)")
     config.addinivalue_line("markers", "slow: takes more than a minute")
     config.addinivalue_line("markers", "guest_config(**kwargs): Guest() keyword arguments for this test")
+    config.addinivalue_line("markers", "deep: full-depth scenario, runs only on the --deep-on kernels")
 
 
 def selected_kernels(config: pytest.Config) -> list[str]:
@@ -59,6 +88,27 @@ def selected_kernels(config: pytest.Config) -> list[str]:
     return [k.strip() for k in value.split(",") if k.strip()]
 
 
+def deep_kernels(config: pytest.Config) -> list[str]:
+    """The chosen kernels that also run the tests marked deep (see the module docstring)."""
+    chosen = selected_kernels(config)
+    value = str(config.getoption("--deep-on")).strip()
+    if value == "auto":
+        if str(config.getoption("--kernel")).strip() != "all":
+            return chosen
+        value = images.default_target()
+    if value == "all":
+        return chosen
+    wanted = {k.strip() for k in value.split(",") if k.strip()}
+    return [k for k in chosen if k in wanted]
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    deep = deep_kernels(config)
+    subset = [k for k in selected_kernels(config) if k not in deep]
+    line = f"guest kernels: all tests on {', '.join(deep) or 'none'}"
+    return line + (f"; without the deep ones on {', '.join(subset)}" if subset else "")
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "target" in metafunc.fixturenames:
         kernels = selected_kernels(metafunc.config)
@@ -66,11 +116,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    deep = set(deep_kernels(config))
+    shallow = [item for item in items if item.get_closest_marker("deep") and _target_of(item) not in deep]
+    if shallow:
+        config.hook.pytest_deselected(items=shallow)
+        dropped = {id(item) for item in shallow}
+        items[:] = [item for item in items if id(item) not in dropped]
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         if names & GUEST_FIXTURES:
             item.add_marker(pytest.mark.guest)
             item.add_marker(pytest.mark.slow)
+
+
+def _target_of(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return str(callspec.params["target"]) if callspec and "target" in callspec.params else None
 
 
 @pytest.hookimpl(wrapper=True)
@@ -82,6 +143,10 @@ def pytest_runtest_makereport(
         item.stash[_FAILED] = True
         if set(getattr(item, "fixturenames", ())) & GUEST_FIXTURES:
             rep.sections.append(("guest artifacts", str(artifacts.test_dir(item.nodeid))))
+        if _SEED in item.stash:
+            rep.sections.append(
+                ("workload seed", f"{item.stash[_SEED]} (rerun with --seed {item.stash[_SEED]})")
+            )
     return rep
 
 
@@ -151,6 +216,51 @@ def boot_integration_guest(
         target=target, rootfs=rootfs, name=request.node.nodeid, module=False, smp=default_smp(), image=image
     )
     yield from _booted(request, g)
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest, target: str) -> int:
+    """This test's workload seed: --seed if given, else a fixed value derived from the test's id, so
+    every run of a test repeats the same workload. A failure report shows how to rerun it."""
+    base = request.config.getoption("--seed")
+    value = int(base) if base is not None else zlib.crc32(request.node.nodeid.encode()) % 1_000_000
+    request.node.stash[_SEED] = value
+    return value
+
+
+@pytest.fixture
+def oracles(request: pytest.FixtureRequest, guest: Guest, seed: int, target: str) -> Iterator[Oracles]:
+    """guestlib's oracles in this test's guest; the test counts as one oracle scenario."""
+    rerun = f"pytest '{request.node.nodeid}' --kernel {target} --seed {seed}"
+    o = Oracles(guest, Tally(), context=f"seed {seed}; rerun: {rerun}")
+    yield o
+    request.node.user_properties.extend([("oracle_scenario", 1), *o.tally.properties()])
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line for the oracle scenarios of this run (also under xdist: user_properties travel)."""
+    totals: dict[str, int] = {}
+    scenarios: set[str] = set()
+    failed: set[str] = set()
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            if not isinstance(rep, pytest.TestReport):
+                continue
+            if rep.failed:
+                failed.add(rep.nodeid)
+            props = dict(rep.user_properties)
+            if rep.when == "teardown" and "oracle_scenario" in props:
+                scenarios.add(rep.nodeid)
+                for key, value in props.items():
+                    if isinstance(value, int):
+                        totals[key] = totals.get(key, 0) + value
+    if scenarios:
+        terminalreporter.write_line(
+            f"oracle scenarios: {len(scenarios)} run, {len(scenarios & failed)} failed; "
+            f"{totals.get('oracle_blocks_verified', 0)} blocks verified, "
+            f"{totals.get('oracle_checks_passed', 0)} checks passed, "
+            f"{totals.get('oracle_crash_points', 0)} crash points checked"
+        )
 
 
 @pytest.fixture

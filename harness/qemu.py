@@ -52,6 +52,8 @@ class DiskSpec:
     fmt: Literal["raw", "qcow2"] = "raw"
     path: Path | None = None
     cache: str = "writeback"
+    # The guest sees a discard-capable disk (fstrim, discard mounts); QEMU punches holes in the image.
+    discard: bool = True
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,8 @@ def build_command(cfg: QemuConfig) -> list[str]:
         "-drive", f"file={cfg.root_overlay},if=virtio,format=qcow2,cache=unsafe",
     ]  # fmt: skip
     for path, spec in cfg.disks:
-        argv += ["-drive", f"file={path},if=virtio,format={spec.fmt},cache={spec.cache}"]
+        discard = ",discard=unmap" if spec.discard else ""
+        argv += ["-drive", f"file={path},if=virtio,format={spec.fmt},cache={spec.cache}{discard}"]
     for s in cfg.shares:
         opts = f"local,path={s.host_path},mount_tag={s.tag},security_model=none,multidevs=remap"
         argv += ["-virtfs", opts + (",readonly=on" if s.readonly else "")]

@@ -37,6 +37,19 @@ def test_manifest_describes_the_files_on_disk(tmp_path: Path) -> None:
     assert churn.compare_tree(root, result.manifest) == []
 
 
+def test_second_churn_adopts_and_changes_the_first_ones_files(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    first = churn.churn(root, seed=3, ops=100, max_file_size=64 * 1024)
+    (root / "d0" / "notes.txt").write_text("not churn's")  # foreign names are left alone
+    second = churn.churn(root, seed=4, ops=200, max_file_size=64 * 1024)
+    earlier = {k: v for k, v in first.manifest.items() if v is not None}
+    assert set(earlier) <= set(second.manifest), "the second manifest must describe the adopted files"
+    changed = [k for k, v in earlier.items() if second.manifest[k] != v]
+    assert changed, "200 operations should overwrite, truncate or delete some adopted file"
+    assert churn.compare_tree(root, second.manifest) == []
+    assert (root / "d0" / "notes.txt").read_text() == "not churn's"
+
+
 def test_every_operation_kind_is_used(tmp_path: Path) -> None:
     result = churn.churn(tmp_path / "t", seed=2, ops=400, max_file_size=64 * 1024)
     kinds = Counter(entry["op"] for entry in result.log)

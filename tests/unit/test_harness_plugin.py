@@ -37,3 +37,79 @@ def test_target_fixture_default_kernel(pytester: pytest.Pytester, monkeypatch: p
     pytester.makepyfile(test_x=TESTS)
     res = pytester.runpytest("-k", "uses_target or plain", "-q")
     res.assert_outcomes(passed=2, deselected=1)
+
+
+DEEP_TESTS = """
+import pytest
+
+def test_everywhere(target):
+    pass
+
+@pytest.mark.deep
+def test_deep(target):
+    pass
+"""
+
+
+def _collected(pytester: pytest.Pytester, *args: str) -> tuple[set[str], str]:
+    """(test ids collected, pytest's output) for DEEP_TESTS with these options."""
+    pytester.makeconftest('pytest_plugins = ["harness.pytest_plugin"]')
+    pytester.makepyfile(test_d=DEEP_TESTS)
+    res = pytester.runpytest(*args, "--collect-only", "-q")
+    out = res.stdout.str()
+    return {line.split("::")[1] for line in res.stdout.lines if line.startswith("test_d.py::")}, out
+
+
+def test_deep_tests_run_on_the_default_kernel_only_with_kernel_all(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harness import images
+
+    monkeypatch.delenv("DBD_DEEP_ON", raising=False)
+    everywhere = {f"test_everywhere[{k}]" for k in images.all_targets()}
+    ids, out = _collected(pytester, "--kernel", "all")
+    assert ids == everywhere | {f"test_deep[{images.default_target()}]"}
+    assert f"({len(images.all_targets()) - 1} deselected)" in out
+    ids, _ = _collected(pytester, "--kernel", "all", "--deep-on", "all")
+    assert ids == everywhere | {f"test_deep[{k}]" for k in images.all_targets()}
+
+
+def test_naming_kernels_runs_deep_tests_on_them(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DBD_DEEP_ON", raising=False)
+    ids, _ = _collected(pytester, "--kernel", "debian-6.12")
+    assert ids == {"test_everywhere[debian-6.12]", "test_deep[debian-6.12]"}
+    args = ("--kernel", "debian-5.10,debian-7.2", "--deep-on", "debian-7.2")
+    ids, _ = _collected(pytester, *args)
+    assert "test_deep[debian-5.10]" not in ids and "test_deep[debian-7.2]" in ids
+    header = pytester.runpytest(*args, "--collect-only").stdout.str()
+    assert "all tests on debian-7.2; without the deep ones on debian-5.10" in header
+
+
+SCENARIO_TESTS = """
+def _scenario(request, blocks):
+    request.node.user_properties.extend([("oracle_scenario", 1), ("oracle_blocks_verified", blocks),
+                                         ("oracle_crash_points", 1), ("oracle_checks_passed", 2)])
+
+def test_good(request):
+    _scenario(request, 10)
+
+def test_bad(request):
+    _scenario(request, 5)
+    assert False
+
+def test_not_a_scenario():
+    pass
+"""
+
+
+def test_summary_line_counts_scenarios_blocks_and_failures(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest('pytest_plugins = ["harness.pytest_plugin"]')
+    pytester.makepyfile(test_s=SCENARIO_TESTS)
+    res = pytester.runpytest()
+    res.assert_outcomes(passed=2, failed=1)
+    assert (
+        "oracle scenarios: 2 run, 1 failed; 15 blocks verified, 4 checks passed, 2 crash points checked"
+        in res.stdout.str()
+    )

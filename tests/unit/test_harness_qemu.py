@@ -50,6 +50,7 @@ def test_command_line_tcg(tmp_path: Path) -> None:
     assert drives[0].startswith(f"file={tmp_path}/root.qcow2,if=virtio,format=qcow2")
     assert drives[1].startswith(f"file={tmp_path}/disk0.raw,if=virtio,format=raw")
     assert drives[2].startswith(f"file={tmp_path}/disk1.qcow2,if=virtio,format=qcow2")
+    assert drives[1].endswith(",discard=unmap") and "discard" not in drives[0]
     virtfs = _opt(argv, "-virtfs")
     assert (
         virtfs[0].startswith("local,path=/repo,mount_tag=src,security_model=none")
