@@ -65,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             (
                 "mypy",
                 _run_stage(
-                    "lint: mypy --strict", [_tool("mypy"), "--strict", "pydbd", "guestlib", "fuzz/model.py"]
+                    "lint: mypy --strict",
+                    [_tool("mypy"), "--strict", "pydbd", "guestlib", "fuzz/model.py", "ci"],
                 ),
             )
         )
@@ -89,25 +90,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             kernels = _kernels(args.kernel)
             timings.append(
                 (
-                    "images",
+                    "matrix",
                     _run_stage(
-                        "guest images", [sys.executable, "-m", "vmimages", "build", "--target", kernels]
-                    ),
-                )
-            )
-            timings.append(
-                (
-                    "guest",
-                    _run_stage(
-                        "guest tests",
+                        "kernel matrix (images, guest tests, summary)",
                         [
-                            _tool("pytest"),
-                            "-q",
-                            "tests/guest",
+                            sys.executable,
+                            "-m",
+                            "ci.matrix",
                             f"--kernel={kernels}",
                             "-n",
                             str(args.workers),
-                            f"--junitxml={artifacts / 'junit-guest.xml'}",
+                            f"--junit={artifacts / 'junit-guest.xml'}",
                         ],
                     ),
                 )
