@@ -8,6 +8,7 @@ remount / read-only, reboot) is what makes the root's tracer dormant with a clea
 
 from __future__ import annotations
 
+import pytest
 from dbd import cow_report, dbdctl, device_sectors, fiemap, info
 
 from harness.guest import Guest
@@ -74,6 +75,7 @@ def test_root_tracking_survives_clean_reboot(boot_integration_guest: Guest) -> N
     assert dbdctl(g, "destroy 0").rc == 0
 
 
+@pytest.mark.deep
 def test_root_reload_refused_after_unclean_stop(boot_integration_guest: Guest) -> None:
     """After a power cut the root's COW header is dirty and its journal needs recovery: the
     premount's read-only mount (on a read-only device) cannot replay it, so nothing is reloaded,

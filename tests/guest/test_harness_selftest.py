@@ -37,6 +37,7 @@ def test_boot_and_uname(guest: Guest, guest_image: Any) -> None:
     assert guest.boot_seconds is not None and guest.boot_seconds < 120
 
 
+@pytest.mark.deep
 def test_exact_binary_and_long_output(guest: Guest) -> None:
     r = guest.run("python3 -c 'import sys; sys.stdout.buffer.write(bytes(range(256)) * 64)'; echo err >&2")
     assert r.stdout_bytes == bytes(range(256)) * 64 and r.stderr == "err\n" and r.rc == 0
@@ -51,6 +52,7 @@ def test_exact_binary_and_long_output(guest: Guest) -> None:
     assert guest.run("exit 7").rc == 7
 
 
+@pytest.mark.deep
 def test_py_structured_results_and_errno(guest: Guest) -> None:
     got = guest.py("import os, pydbd\nresult = {'pid': os.getpid(), 'raw': b'\\0\\xff', 'm': pydbd.__file__}")
     assert got["raw"] == b"\x00\xff" and got["m"] == "/src/pydbd/__init__.py" and got["pid"] > 1
@@ -122,6 +124,7 @@ def test_power_cut_during_write_and_clean_reboot(guest: Guest, ext4_volume: Volu
     assert guest.check("echo still scriptable").stdout == "still scriptable\n"
 
 
+@pytest.mark.deep
 def test_two_guests_in_parallel_do_not_interfere(target: str, guest_image: Any) -> None:
     # One vCPU each: with another xdist worker's guest beside them, 2+2 vCPUs would starve (RCU stalls).
     guests = [Guest(target, image=guest_image, module=False, name=f"par{i}", smp=1) for i in range(2)]
@@ -153,6 +156,7 @@ def test_two_guests_in_parallel_do_not_interfere(target: str, guest_image: Any) 
             g.finish(test_failed=False, artifact_dir=None)
 
 
+@pytest.mark.deep
 def test_timeout_kills_the_guest(guest: Guest) -> None:
     t0 = time.monotonic()
     with pytest.raises(GuestTimeout) as ei:
@@ -162,6 +166,7 @@ def test_timeout_kills_the_guest(guest: Guest) -> None:
     assert "about-to-hang" in guest.console_log.read_text()
 
 
+@pytest.mark.deep
 def test_boot_failure_raises_with_console_tail(target: str, guest_image: Any) -> None:
     g = Guest(target, image=guest_image, module=False, name="noboot", append_extra=("init=/nonexistent",))
     with pytest.raises(GuestBootError) as ei:
@@ -170,6 +175,7 @@ def test_boot_failure_raises_with_console_tail(target: str, guest_image: Any) ->
     g.finish(test_failed=True, artifact_dir=None)
 
 
+@pytest.mark.deep
 def test_trixie_rootfs_has_the_new_mount_api(target: str) -> None:
     """The second rootfs exists so tests can mount with util-linux >= 2.39 (fsopen/fsmount/move_mount)."""
     g = Guest(target, rootfs="trixie", module=False, name="trixie-rootfs")

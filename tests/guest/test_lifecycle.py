@@ -120,7 +120,9 @@ def _dattobd_lines(g: Guest) -> list[str]:
 # -- tests -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rootfs", ["bookworm", "trixie"])
+# The old mount API (bookworm's util-linux) on the default kernel only: the new one (trixie's
+# fsopen/fsmount) reaches the same vfs_get_tree observer and runs everywhere.
+@pytest.mark.parametrize("rootfs", [pytest.param("bookworm", marks=pytest.mark.deep), "trixie"])
 def test_umount_mount_cycle_snapshot(module_guest: Guest, ext4_volume: Volume, rootfs: str) -> None:
     """umount of a snapshotted volume succeeds, leaves a dormant snapshot (1) with a CLEAN file;
     mount reactivates it (3) with the snapshot unchanged (also by raw writes to the unmounted device)
@@ -232,7 +234,8 @@ def test_umount_mount_cycle_incremental(module_guest: Guest, ext4_volume: Volume
     g.assert_no_kernel_findings()
 
 
-@pytest.mark.parametrize("rootfs", ["bookworm", "trixie"])
+# remount via mount(2) everywhere, via fsconfig(FSCONFIG_CMD_RECONFIGURE) on the default kernel
+@pytest.mark.parametrize("rootfs", ["bookworm", pytest.param("trixie", marks=pytest.mark.deep)])
 def test_remount_ro_makes_dormant_and_rw_reactivates(
     module_guest: Guest, ext4_volume: Volume, rootfs: str
 ) -> None:
@@ -275,6 +278,7 @@ def test_remount_ro_makes_dormant_and_rw_reactivates(
     g.assert_no_kernel_findings()
 
 
+@pytest.mark.deep
 @pytest.mark.guest_config(disks=TWO_DISKS)
 def test_raw_writes_while_dormant_are_tracked(module_guest: Guest, ext4_volume: Volume) -> None:
     """Writes to the unmounted device while the tracer is dormant (0) are marked changed at the next
@@ -314,6 +318,7 @@ def test_raw_writes_while_dormant_are_tracked(module_guest: Guest, ext4_volume: 
     g.assert_no_kernel_findings()
 
 
+@pytest.mark.deep
 @pytest.mark.guest_config(disks=TWO_DISKS)
 def test_reload_incremental_after_clean_reboot(module_guest: Guest, ext4_volume: Volume) -> None:
     """A cleanly unmounted incremental survives a reboot: reload-incremental before the mount gives
@@ -396,6 +401,7 @@ def test_power_cut_leaves_reload_unverified_with_einval(module_guest: Guest, ext
     g.assert_no_kernel_findings()
 
 
+@pytest.mark.deep
 def test_failed_reload_then_destroy_and_reload(module_guest: Guest, ext4_volume: Volume) -> None:
     """A reload naming a missing file fails at mount with -2 (ENOENT, state 4); after destroy, a reload
     with the right path activates at the next mount (2) with the change count kept."""
@@ -431,6 +437,7 @@ def test_failed_reload_then_destroy_and_reload(module_guest: Guest, ext4_volume:
     g.assert_no_kernel_findings()
 
 
+@pytest.mark.deep
 def test_destroy_dormant_keeps_clean_cow_file(module_guest: Guest, ext4_volume: Volume) -> None:
     """Destroy of a dormant snapshot (1) and of a dormant incremental (0) succeeds, removes the tracer
     and /dev/datto0 and keeps the closed COW file with its clean header (upstream defect 18)."""
@@ -459,6 +466,7 @@ def test_destroy_dormant_keeps_clean_cow_file(module_guest: Guest, ext4_volume: 
     g.assert_no_kernel_findings()
 
 
+@pytest.mark.deep
 def test_other_unmounts_and_failed_umount_keep_active(module_guest: Guest, ext4_volume: Volume) -> None:
     """Only the unmount of the mount holding the COW file matters: unmounting a bind mount or a copy in
     another mount namespace leaves the snapshot active (3); an umount that fails (busy) reactivates it,

@@ -39,6 +39,7 @@ def test_load_unload_cycles(guest: Guest) -> None:
     assert guest.run("test -e /dev/datto-ctl").rc != 0
 
 
+@pytest.mark.deep
 def test_max_snap_devices_clamped(guest: Guest) -> None:
     guest.load_module(max_snap_devices=0)
     assert guest.check("cat /sys/module/dattobd/parameters/max_snap_devices").stdout.strip() == "24"
@@ -52,6 +53,7 @@ def _setup(g: Guest, vol: Volume, minor: int = 0, extra: str = "") -> None:
     assert r.rc == 0, r.stderr
 
 
+@pytest.mark.deep
 def test_snapshot_shows_pre_setup_data(module_guest: Guest, ext4_volume: Volume) -> None:
     g, vol = module_guest, ext4_volume
     write_file(g, "/mnt/vol/a", 8, "before")
@@ -92,6 +94,7 @@ def test_cow_file_is_protected(module_guest: Guest, ext4_volume: Volume) -> None
     assert dbdctl(g, "destroy 0").rc == 0
 
 
+@pytest.mark.deep
 @pytest.mark.guest_config(disks=[DiskSpec(512), DiskSpec(1024)])
 def test_backup_cycle_update_img(module_guest: Guest, ext4_volume: Volume) -> None:
     """The seed README's cycle: full copy, incremental period, next snapshot, update-img, equal image."""
@@ -128,6 +131,7 @@ def test_backup_cycle_update_img(module_guest: Guest, ext4_volume: Volume) -> No
     assert dbdctl(g, "destroy 0").rc == 0
 
 
+@pytest.mark.deep
 def test_errno_rows(module_guest: Guest, ext4_volume: Volume) -> None:
     g, vol = module_guest, ext4_volume
     setup = "setup_snapshot"
@@ -157,6 +161,7 @@ def test_errno_rows(module_guest: Guest, ext4_volume: Volume) -> None:
     assert ctl(g, setup, vol.device, COW, 0) == errno.EINVAL
 
 
+@pytest.mark.deep
 def test_requires_cap_sys_admin(module_guest: Guest, ext4_volume: Volume) -> None:
     g = module_guest
     g.check("chmod 0666 /dev/datto-ctl")
@@ -251,6 +256,7 @@ def test_partition_uses_relative_blocks(module_guest: Guest) -> None:
     assert dbdctl(g, "destroy 0").rc == 0
 
 
+@pytest.mark.deep
 def test_destroy_unverified_tracer(module_guest: Guest, ext4_volume: Volume) -> None:
     """An unverified tracer never opened its COW file: destroy frees the minor and leaves the file."""
     g, vol = module_guest, ext4_volume
@@ -268,6 +274,7 @@ def test_destroy_unverified_tracer(module_guest: Guest, ext4_volume: Volume) -> 
     assert g.check(f"cat {COW}").stdout == "keep\n"
 
 
+@pytest.mark.deep
 def test_proc_matches_info_unverified(module_guest: Guest, ext4_volume: Volume) -> None:
     """Unverified tracers (states 4 and 5): /proc prints only minor, paths, max_cache and state."""
     g, vol = module_guest, ext4_volume

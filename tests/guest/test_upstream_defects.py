@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 
+import pytest
 from dbd import ctl, dbdctl, info, proc_devices
 
 from harness.guest import Guest
@@ -33,6 +34,7 @@ def test_1_expand_releases_the_table_lock(module_guest: Guest, ext4_volume: Volu
     assert dbdctl(g, "destroy 0", timeout=60).rc == 0
 
 
+@pytest.mark.deep
 def test_6_transition_to_snapshot_keeps_cache_and_a_usable_size(
     module_guest: Guest, ext4_volume: Volume
 ) -> None:
@@ -51,6 +53,7 @@ def test_6_transition_to_snapshot_keeps_cache_and_a_usable_size(
     assert dbdctl(g, "destroy 0").rc == 0
 
 
+@pytest.mark.deep
 def test_8_proc_escapes_paths(module_guest: Guest, ext4_volume: Volume) -> None:
     """Upstream prints paths unescaped, so a quote or backslash breaks /proc/datto-info as JSON."""
     g, vol = module_guest, ext4_volume
