@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 
-import pytest
 from dbd import Info, ctl, dbdctl, info, proc_devices, sha256, write_file
 
 from harness.guest import Guest
@@ -99,7 +98,6 @@ def test_auto_expand_keeps_snapshot_alive(module_guest: Guest, ext4_volume: Volu
     assert g.run(f"test -e {COW}").rc != 0
 
 
-@pytest.mark.deep
 def test_same_workload_without_auto_expand_fails_with_efbig(module_guest: Guest, ext4_volume: Volume) -> None:
     g, vol = module_guest, ext4_volume
     _setup_and_overwrite(g, vol, auto_expand=False)
@@ -119,7 +117,6 @@ def test_same_workload_without_auto_expand_fails_with_efbig(module_guest: Guest,
     assert ctl(g, "destroy", 0) == 0
 
 
-@pytest.mark.deep
 def test_expand_grows_file_and_keeps_ioctls_working(module_guest: Guest, ext4_volume: Volume) -> None:
     g, vol = module_guest, ext4_volume
     r = dbdctl(g, f"setup-snapshot -f {INITIAL_MIB} {vol.device} {COW} 0")

@@ -318,7 +318,6 @@ def test_raw_writes_while_dormant_are_tracked(module_guest: Guest, ext4_volume: 
     g.assert_no_kernel_findings()
 
 
-@pytest.mark.deep
 @pytest.mark.guest_config(disks=TWO_DISKS)
 def test_reload_incremental_after_clean_reboot(module_guest: Guest, ext4_volume: Volume) -> None:
     """A cleanly unmounted incremental survives a reboot: reload-incremental before the mount gives

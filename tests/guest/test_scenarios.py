@@ -319,7 +319,8 @@ def test_writers_readers_and_transitions_race(racing: Guest, oracles: Oracles, s
     for i in range(1, 5):
         # Readers only while in snapshot mode: transition-to-incremental refuses an open /dev/datto0.
         g.check(
-            "( while :; do dd if=/dev/datto0 of=/dev/null bs=64k status=none; done ) "
+            "( while :; do dd if=/dev/datto0 of=/dev/null bs=64k count=64 skip=$((RANDOM % 3000)) "
+            "status=none; done ) "
             ">/dev/null 2>&1 </dev/null & echo $! > /tmp/readers.pid"
         )
         g.run("sleep 2", timeout=30)
