@@ -20,17 +20,26 @@ Commands:
   update-img SNAPSHOT COW IMAGE [--sha256 HEX]      oracle (c), update-img part
   cow-structure COW SNAPSHOT [--sectors N] [--written FILE] [--exact] [--seqid N] [--uuid HEX]
   fsck DEV --fstype T
+  replay-check LOG TARGET --image IMG --cow PATH --sectors N [--points N] [--after-mark M]
+               [--manifest M --manifest-dir D]   write-point replay (guestlib.logwrites): fsck, COW
+                                                 file clean-and-valid or dirty, fsynced files kept
+  ioctl-fuzz --seed S --calls N --bdev DEV --cow-dir DIR [--other PATH]... [--unprivileged]
+             [--max-minor M]                    bad-input fuzzing of /dev/datto-ctl (guestlib.ioctlfuzz);
+                                                destroys the tracers it created unless --unprivileged
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from guestlib import blockhash, churn, oracles, signed
+from guestlib import blockhash, churn, ioctlfuzz, logwrites, oracles, signed
+from pydbd import cow as cowfmt
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -169,6 +178,79 @@ def _cmd_fsck(a: argparse.Namespace) -> int:
     return _emit(oracles.fsck(a.dev, a.fstype).to_json())
 
 
+def _check_point(a: argparse.Namespace, index: int, report: logwrites.PointReport) -> None:
+    """One crash point: replay the journal on a copy, fsck it, check the COW file and the manifest."""
+    findings = report.findings if report.findings is not None else []
+    report.findings = findings
+    where = f"crash point after log entry {index}"
+    subprocess.run(["cp", "--sparse=always", a.target, a.image], check=True)
+    journal = subprocess.run(["e2fsck", "-E", "journal_only", "-y", a.image], capture_output=True, text=True)
+    if journal.returncode > 1:
+        findings.append(f"{where}: journal replay failed (e2fsck exit {journal.returncode})")
+        return
+    check = oracles.fsck(a.image, "ext4")
+    if not check.ok:
+        findings.append(f"{where}: origin inconsistent: {check.message}")
+        return
+    os.makedirs(a.mountpoint, exist_ok=True)
+    subprocess.run(["mount", "-o", "ro,loop,noload", a.image, a.mountpoint], check=True)
+    try:
+        cow = os.path.join(a.mountpoint, a.cow.lstrip("/"))
+        if not os.path.exists(cow):
+            report.cow_absent += 1
+        else:
+            verdict = cowfmt.verify(cow, a.sectors)
+            if verdict.header is not None and verdict.header.clean:
+                if verdict.ok:
+                    report.cow_clean += 1
+                else:
+                    findings.append(f"{where}: CLEAN COW file does not verify: {verdict.violations[0]}")
+            else:
+                report.cow_dirty += 1
+        if a.manifest:
+            manifest, _volatile = churn.load_manifest(a.manifest)
+            lost = churn.compare_tree(os.path.join(a.mountpoint, a.manifest_dir.lstrip("/")), manifest)
+            if lost:
+                findings.append(f"{where}: fsynced data lost: {lost[0]}")
+    finally:
+        subprocess.run(["umount", a.mountpoint], check=True)
+    report.checked += 1
+
+
+def _cmd_replay_check(a: argparse.Namespace) -> int:
+    log_fd = os.open(a.log, os.O_RDONLY)
+    try:
+        points = logwrites.sample(logwrites.crash_points(log_fd, a.after_mark), a.points)
+    finally:
+        os.close(log_fd)
+    if not points:
+        return _emit({"ok": False, "message": f"no crash point in {a.log} after mark {a.after_mark!r}"})
+    report = logwrites.PointReport(findings=[])
+    for index in logwrites.replay_points(a.log, a.target, points):
+        _check_point(a, index, report)
+    return _emit(report.to_json())
+
+
+def _cmd_ioctl_fuzz(a: argparse.Namespace) -> int:
+    paths = ioctlfuzz.Paths(a.bdev, a.cow_dir, tuple(a.other))
+    ctl_fd = None
+    if a.unprivileged:
+        # The control node may be root-only: open it first, then drop to nobody without capabilities,
+        # so every ioctl meets the driver's own CAP_SYS_ADMIN check.
+        ctl_fd = os.open(ioctlfuzz.CTL, os.O_RDWR)
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+    else:
+        ioctlfuzz.make_fixtures(paths)
+    report = ioctlfuzz.fuzz(
+        a.seed, a.calls, paths, max_minor=a.max_minor, privileged=not a.unprivileged, ctl_fd=ctl_fd
+    )
+    if not a.unprivileged:
+        report.findings += ioctlfuzz.destroy_all(sorted(report.created))
+    return _emit(report.to_json())
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python3 -m guestlib", description="guest-side oracle helpers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,6 +317,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seqid", type=int)
     p.add_argument("--uuid")
     add("fsck", _cmd_fsck, "dev").add_argument("--fstype", required=True)
+
+    p = add("replay-check", _cmd_replay_check, "log", "target")
+    p.add_argument("--image", required=True, help="scratch copy of the target per point (e.g. on tmpfs)")
+    p.add_argument("--mountpoint", default="/mnt/replay")
+    p.add_argument("--cow", required=True, help="the COW file's path inside the filesystem")
+    p.add_argument("--sectors", type=int, required=True, help="the origin's size in 512-byte sectors")
+    p.add_argument("--points", type=int, default=12, help="at most this many crash points, spread evenly")
+    p.add_argument("--after-mark", help="only crash points after this dm-log-writes mark")
+    p.add_argument("--manifest", help="churn manifest whose files every point must hold")
+    p.add_argument("--manifest-dir", default="/", help="where that churn ran, inside the filesystem")
+
+    p = add("ioctl-fuzz", _cmd_ioctl_fuzz)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--calls", type=int, required=True)
+    p.add_argument("--bdev", required=True)
+    p.add_argument("--cow-dir", required=True)
+    p.add_argument("--other", action="append", default=[])
+    p.add_argument("--max-minor", type=int, default=24)
+    p.add_argument("--unprivileged", action="store_true")
     return parser
 
 

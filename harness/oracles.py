@@ -130,6 +130,12 @@ class Oracles:
     def signed_check_files(self, directory: str, state: str) -> str:
         return str(self.require("signed-check-files", directory, "--state", state)["message"])
 
-    def crash_point(self) -> None:
-        """Count one crash point whose aftermath the caller has checked."""
-        self.tally.crash_points += 1
+    def crash_point(self, count: int = 1) -> None:
+        """Count crash points whose aftermath the caller has checked."""
+        self.tally.crash_points += count
+
+    def replay_check(self, log: str, target: str, *options: object, timeout: float = 1800) -> dict[str, Any]:
+        """Write-point replay (guestlib.logwrites); the crash points it checked are counted."""
+        data = self.require("replay-check", log, target, *options, timeout=timeout)
+        self.crash_point(int(data["crash_points"]))
+        return data

@@ -298,7 +298,44 @@ def test_io_error_fails_the_tracer_and_the_origin_keeps_working(
     g.assert_no_kernel_findings()
 
 
-# -- scenario 5: writers, snapshot readers and transitions racing --------------------------------------
+# -- scenario 5: write-point replay (dm-log-writes, fstests generic/482 style) -----------------------
+
+
+@pytest.mark.guest_config(disks=[DiskSpec(128), DiskSpec(768), DiskSpec(128)])
+def test_every_flush_point_is_consistent_and_the_cow_file_clean_or_refused(
+    module_guest: Guest, oracles: Oracles, seed: int
+) -> None:
+    """Record every write below the tracked filesystem with dm-log-writes through snapshot, incremental
+    and snapshot periods and an unmount; rebuild the device at sampled FLUSH/FUA points. At each: the
+    journal replays, fsck is clean, files fsynced before setup are intact, and the COW file is
+    either not CLEAN (a reload refuses it) or CLEAN and valid."""
+    g, o = module_guest, oracles
+    sectors = device_sectors(g, "/dev/vdb")
+    g.check(f"modprobe dm-log-writes && dmsetup create lw --table '0 {sectors} log-writes /dev/vdb /dev/vdc'")
+    dev = "/dev/mapper/lw"
+    _prepare(g, dev, "ext4")  # mkfs is in the log too: the replay starts from the zeroed /dev/vdd
+    small = workloads.Sizes(churn_ops=60, churn_bytes=4 << 20)
+    workloads.churn(o, f"{MNT}/pre", seed, "/root/pre.json", small)
+    g.check("sync && dmsetup message lw 0 mark setup")
+    _ok(g, f"setup-snapshot -f 24 {dev} {COW} 0")
+    workloads.churn(o, f"{MNT}/a", seed + 1, "/root/a.json", small)
+    _ok(g, "transition-to-incremental 0")
+    workloads.churn(o, f"{MNT}/b", seed + 2, "/root/b.json", small)
+    _ok(g, f"transition-to-snapshot -f 24 {MNT}/.datto1 0")  # .datto is final (CLEAN) from here
+    workloads.churn(o, f"{MNT}/c", seed + 3, "/root/c.json", small)
+    g.check(f"umount {MNT} && dmsetup message lw 0 mark end")
+    _ok(g, "destroy 0")
+    g.check("dmsetup remove lw")
+    result = o.replay_check(
+        "/dev/vdc", "/dev/vdd", "--image", "/tmp/point.img", "--cow", "/.datto", "--sectors", sectors,
+        "--points", 10, "--after-mark", "setup", "--manifest", "/root/pre.json", "--manifest-dir", "/pre",
+    )  # fmt: skip
+    assert result["cow_dirty"] > 0, f"no crash point saw the active (dirty) COW file: {result['message']}"
+    assert result["cow_clean"] > 0, f"no crash point saw the finalized COW file: {result['message']}"
+    g.assert_no_kernel_findings()
+
+
+# -- scenario 6: writers, snapshot readers and transitions racing --------------------------------------
 
 
 @pytest.fixture
