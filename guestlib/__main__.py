@@ -23,6 +23,7 @@ Commands:
   replay-check LOG TARGET --image IMG --cow PATH --sectors N [--points N] [--after-mark M]
                [--manifest M --manifest-dir D]   write-point replay (guestlib.logwrites): fsck, COW
                                                  file clean-and-valid or dirty, fsynced files kept
+  cow-corrupt CLEAN OUTDIR --seed S --blocks N  corrupt copies of a clean COW file (guestlib.cowcorrupt)
   ioctl-fuzz --seed S --calls N --bdev DEV --cow-dir DIR [--other PATH]... [--unprivileged]
              [--max-minor M]                    bad-input fuzzing of /dev/datto-ctl (guestlib.ioctlfuzz);
                                                 destroys the tracers it created unless --unprivileged
@@ -38,7 +39,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from guestlib import blockhash, churn, ioctlfuzz, logwrites, oracles, signed
+from guestlib import blockhash, churn, cowcorrupt, ioctlfuzz, logwrites, oracles, signed
 from pydbd import cow as cowfmt
 
 EXIT_OK = 0
@@ -231,6 +232,19 @@ def _cmd_replay_check(a: argparse.Namespace) -> int:
     return _emit(report.to_json())
 
 
+def _cmd_cow_corrupt(a: argparse.Namespace) -> int:
+    with open(a.clean, "rb") as f:
+        clean = f.read()
+    os.makedirs(a.out, exist_ok=True)
+    listed = []
+    for i, v in enumerate(cowcorrupt.variants(clean, a.seed, a.blocks)):
+        path = os.path.join(a.out, f"{i:02d}.cow")
+        with open(path, "wb") as f:
+            f.write(v.data)
+        listed.append({"file": path, "name": v.name, "must_refuse": v.must_refuse})
+    return _emit({"ok": True, "variants": listed})
+
+
 def _cmd_ioctl_fuzz(a: argparse.Namespace) -> int:
     paths = ioctlfuzz.Paths(a.bdev, a.cow_dir, tuple(a.other))
     ctl_fd = None
@@ -327,6 +341,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--after-mark", help="only crash points after this dm-log-writes mark")
     p.add_argument("--manifest", help="churn manifest whose files every point must hold")
     p.add_argument("--manifest-dir", default="/", help="where that churn ran, inside the filesystem")
+
+    p = add("cow-corrupt", _cmd_cow_corrupt, "clean", "out")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--blocks", type=int, required=True, help="the origin's size in 4 KiB blocks")
 
     p = add("ioctl-fuzz", _cmd_ioctl_fuzz)
     p.add_argument("--seed", type=int, required=True)

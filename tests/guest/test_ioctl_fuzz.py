@@ -1,4 +1,4 @@
-"""Bad-input fuzzing of the kernel interface (issue 7): guestlib.ioctlfuzz in a guest.
+"""Bad-input fuzzing of the kernel interface (issue 7): guestlib.ioctlfuzz and corrupt COW files.
 
 Every ioctl with random and boundary arguments (minors, sizes, NULL/unmapped/unterminated string
 and struct pointers, over-long paths, paths to every file type and to other filesystems), while
@@ -10,7 +10,7 @@ the end (nothing leaked a reference).
 from __future__ import annotations
 
 import pytest
-from dbd import dbdctl, info
+from dbd import dbdctl, device_sectors, info
 
 from harness.guest import Guest
 from harness.oracles import Oracles
@@ -60,4 +60,63 @@ def test_bad_arguments_give_documented_errors_and_change_nothing(
         assert r.rc == 0 or "No such file" in r.stderr, r.stderr
     g.check("umount /mnt/vol /mnt/other")
     g.unload_module()  # a leaked reference would make this fail
+    g.assert_no_kernel_findings()
+
+
+# In the guest: each corrupt file in turn becomes the volume's /.datto, then reload-snapshot and a
+# read-write mount (the activation attempt); the state and error that follow are recorded.
+RELOAD_EACH = """
+import shutil, subprocess
+from pydbd.control import Control
+
+def sh(*argv):
+    subprocess.run(argv, check=True, capture_output=True)
+
+outcomes = []
+with Control() as c:
+    for v in VARIANTS:
+        sh("mount", "/dev/vdb", "/mnt/vol")
+        shutil.copyfile(v["file"], "/mnt/vol/.datto")
+        sh("umount", "/mnt/vol")
+        c.reload_snapshot("/dev/vdb", "/.datto", 0)
+        sh("mount", "/dev/vdb", "/mnt/vol")
+        i = c.info(0)
+        outcomes.append({**v, "state": i.state, "error": i.error})
+        if i.state == 3:  # accepted: the snapshot must be readable end to end
+            sh("dd", "if=/dev/datto0", "of=/dev/null", "bs=1M")
+        c.destroy(0)
+        sh("umount", "/mnt/vol")
+result = outcomes
+"""
+
+
+@pytest.mark.guest_config(disks=[DiskSpec(96)])
+def test_corrupt_cow_files_are_refused_at_reload(module_guest: Guest, oracles: Oracles, seed: int) -> None:
+    """Seeded corruptions of a clean snapshot COW file (header fields, truncations, index entries
+    pointing into the index, past the file or at a shared slot) handed to reload-snapshot: the spec's
+    header checks refuse with an error and leave the tracer unverified; other corruptions are refused
+    or survive with a readable snapshot; never a kernel warning."""
+    g, o = module_guest, oracles
+    g.check(
+        "mkfs.ext4 -q -F -O ^orphan_file /dev/vdb && mkdir -p /mnt/vol && mount /dev/vdb /mnt/vol && "
+        "dd if=/dev/urandom of=/mnt/vol/a bs=1M count=4 conv=fsync status=none"
+    )
+    assert dbdctl(g, "setup-snapshot -f 8 /dev/vdb /mnt/vol/.datto 0").rc == 0
+    g.check(
+        "dd if=/dev/urandom of=/mnt/vol/a bs=1M count=2 conv=notrunc,fsync status=none && umount /mnt/vol"
+    )
+    assert info(g, 0).state == 1, "unmount should leave a dormant snapshot with a clean file"
+    assert dbdctl(g, "destroy 0").rc == 0
+    g.check("mount -o ro /dev/vdb /mnt/vol && cp /mnt/vol/.datto /root/clean.cow && umount /mnt/vol")
+    blocks = device_sectors(g, "/dev/vdb") // 8
+    variants = o.run("cow-corrupt", "/root/clean.cow", "/root/variants", "--seed", seed, "--blocks", blocks)
+    listed = variants["variants"]
+    assert len(listed) >= 15, listed
+
+    outcomes = g.py(f"VARIANTS = {listed!r}\n{RELOAD_EACH}", timeout=1200)
+    accepted_wrongly = [x for x in outcomes if x["must_refuse"] and (x["state"], x["error"]) == (3, 0)]
+    assert not accepted_wrongly, f"reload accepted corrupt files the spec refuses: {accepted_wrongly}"
+    for x in outcomes:
+        refused = x["state"] == 5 and x["error"] < 0
+        assert refused or (x["state"], x["error"]) == (3, 0), f"neither refused nor active: {x}"
     g.assert_no_kernel_findings()
