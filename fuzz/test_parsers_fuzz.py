@@ -27,7 +27,7 @@ from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
-from hypothesis import given, note
+from hypothesis import example, given, note
 from hypothesis import strategies as st
 
 from pydbd import abi, cow, cowinfo, dbdctl, updateimg
@@ -592,6 +592,10 @@ def _fake_factory(script: DriverScript) -> Any:
 
 
 @given(argv=argv_st, script=driver_st)
+@example(  # found by the dev profile: a NUL byte in a path escaped as ValueError
+    argv=["reload-incremental", "/dev/loop0", "\x00", "0"],
+    script=DriverScript(errors={}, info=None, free_minor=0, ctl_exists=True, proc_text=None),
+)
 def test_dbdctl_main_always_returns_an_exit_code(argv: list[str], script: DriverScript) -> None:
     written: list[str] = []
 

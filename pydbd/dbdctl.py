@@ -343,6 +343,9 @@ def _with_control(action: Callable[[Control], int | None]) -> int:
             return action(ctl) or 0
     except DattoError as err:
         return _request_failed(err)
+    except ValueError as err:  # an argument Control refuses to pass on (a NUL byte in a path, a range)
+        print(f"dbdctl: {err}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _run_command(name: str, cmd: _Command, argv: list[str]) -> int:

@@ -1,0 +1,124 @@
+"""A time-budgeted fuzz campaign that resumes where the last one stopped.
+
+    fuzz/run [--kernel debian-6.1] [--minutes 10] [--host-share 0.3] [--host-only]
+
+1. Host (a `--host-share` of the budget): pytest on fuzz/ (Hypothesis state machine of the driver
+   model, every parser of untrusted input) with the `dev` profile, over and over. Its example
+   database lives in the harness cache, so failing examples replay first in the next campaign.
+2. Guest (the rest): tests/guest/test_ioctl_fuzz.py (bad ioctl arguments in every tracer state,
+   corrupt COW files handed to reload) on `--kernel`, one fresh seed per round. The next seed is kept
+   in the cache (`fuzz-campaign/<kernel>.json`), so a campaign continues with seeds never tried.
+
+Prints rounds, seeds and, for every failure, the one command that reproduces it. Exits 1 if
+anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from vmimages.cache import cache_dir  # noqa: E402
+
+PYTEST = str(Path(sys.executable).with_name("pytest"))
+GUEST_FILE = "tests/guest/test_ioctl_fuzz.py"
+
+
+@dataclass
+class Campaign:
+    kernel: str
+    next_seed: int = 1
+    rounds: list[dict[str, object]] = field(default_factory=list)
+
+    @staticmethod
+    def path(kernel: str) -> Path:
+        return cache_dir() / "fuzz-campaign" / f"{kernel}.json"
+
+    @classmethod
+    def load(cls, kernel: str) -> Campaign:
+        try:
+            data = json.loads(cls.path(kernel).read_text())
+            return cls(kernel, int(data["next_seed"]), list(data.get("rounds", [])))
+        except (OSError, ValueError, KeyError):
+            return cls(kernel)
+
+    def save(self) -> None:
+        p = self.path(self.kernel)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"next_seed": self.next_seed, "rounds": self.rounds[-500:]}, indent=1))
+        tmp.replace(p)
+
+
+def _run(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, float]:
+    start = time.monotonic()
+    rc = subprocess.call(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    return rc, time.monotonic() - start
+
+
+def host_phase(deadline: float) -> list[str]:
+    env = {**os.environ, "HYPOTHESIS_PROFILE": "dev"}
+    failures, rounds = [], 0
+    while time.monotonic() < deadline:
+        rc, took = _run([PYTEST, "-q", "-x", "fuzz", "-p", "no:cacheprovider"], env)
+        rounds += 1
+        print(
+            f"  host round {rounds}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {took:.0f}s", flush=True
+        )
+        if rc != 0:
+            failures.append(
+                "host: HYPOTHESIS_PROFILE=dev .venv/bin/pytest fuzz  (the failing example replays first)"
+            )
+            break
+    return failures
+
+
+def guest_phase(kernel: str, deadline: float) -> list[str]:
+    campaign = Campaign.load(kernel)
+    failures = []
+    while time.monotonic() < deadline:
+        seed = campaign.next_seed
+        campaign.next_seed += 1
+        argv = [PYTEST, "-q", GUEST_FILE, f"--kernel={kernel}", f"--seed={seed}", "-p", "no:cacheprovider"]
+        rc, took = _run(argv)
+        campaign.rounds.append({"seed": seed, "rc": rc, "seconds": round(took, 1)})
+        campaign.save()
+        print(f"  guest seed {seed}: {'ok' if rc == 0 else f'FAILED (exit {rc})'} in {took:.0f}s", flush=True)
+        if rc != 0:
+            failures.append(f"guest: .venv/bin/pytest {GUEST_FILE} --kernel {kernel} --seed {seed}")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fuzz/run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--kernel", default="debian-6.1")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--host-share", type=float, default=0.3)
+    p.add_argument("--host-only", action="store_true")
+    a = p.parse_args(argv)
+    start = time.monotonic()
+    end = start + a.minutes * 60
+    host_end = end if a.host_only else start + a.minutes * 60 * a.host_share
+    print(f"fuzz campaign: {a.minutes:g} minutes on {a.kernel} (cache {cache_dir()})", flush=True)
+    failures = host_phase(host_end)
+    if not a.host_only and not failures:
+        failures += guest_phase(a.kernel, end)
+    campaign = Campaign.load(a.kernel)
+    took = (time.monotonic() - start) / 60
+    print(f"\nfuzz campaign done in {took:.1f} min; next guest seed {campaign.next_seed}")
+    for f in failures:
+        print(f"FAILED, reproduce with: {f}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
