@@ -66,7 +66,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "mypy",
                 _run_stage(
                     "lint: mypy --strict",
-                    [_tool("mypy"), "--strict", "pydbd", "guestlib", "fuzz/model.py", "fuzz/run.py", "doc/mkman.py", "ci"],
+                    [
+                        _tool("mypy"),
+                        "--strict",
+                        "pydbd",
+                        "guestlib",
+                        "fuzz/model.py",
+                        "fuzz/run.py",
+                        "doc/mkman.py",
+                        "ci",
+                    ],
                 ),
             )
         )
