@@ -194,6 +194,7 @@ def _check_point(a: argparse.Namespace, index: int, report: logwrites.PointRepor
         findings.append(f"{where}: origin inconsistent: {check.message}")
         return
     os.makedirs(a.mountpoint, exist_ok=True)
+    subprocess.run(["modprobe", "loop"], check=True)
     subprocess.run(["mount", "-o", "ro,loop,noload", a.image, a.mountpoint], check=True)
     try:
         cow = os.path.join(a.mountpoint, a.cow.lstrip("/"))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import json
 import mmap
 import os
@@ -269,8 +268,18 @@ class Generator:
 IoctlFn = Callable[[int, int, int], int]
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+_LIBC.ioctl.restype = ctypes.c_int
+
+
 def _raw_ioctl(fd: int, request: int, arg: int) -> int:
-    return int(fcntl.ioctl(fd, request, arg))
+    """ioctl(2) with `arg` as a raw pointer value (fcntl.ioctl would narrow an int to a C int)."""
+    rc = int(_LIBC.ioctl(fd, request, arg or None))
+    if rc < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return rc
 
 
 def _read_state() -> str:

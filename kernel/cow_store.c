@@ -594,6 +594,42 @@ fail_file:
 	return NULL;
 }
 
+/* a bitmap of @bits bits, zeroed, that may be large (one bit per data slot of a big file) */
+static unsigned long *bitmap_zalloc_node_kv(u64 bits)
+{
+	return kvzalloc(max_t(u64, BITS_TO_LONGS(bits), 1) * sizeof(unsigned long), GFP_KERNEL);
+}
+
+/*
+ * Index entries of a reloaded file (spec 4.5): snapshot entries are 0 or a
+ * data slot in [first_data_block, fpos) that no other block uses;
+ * incremental entries are 0, the marker 1, or a slot below fpos (kept from
+ * the snapshot period before the transition; the data itself was truncated).  A corrupt index must be refused here: a
+ * slot outside the written area would be read as the snapshot's data.
+ */
+static int cow_check_section(struct cow_store *c, u64 s, const u64 *ent, unsigned long *used,
+			     bool snap)
+{
+	u64 i, first = s * COW_SECT_ENTRIES;
+
+	for (i = 0; i < COW_SECT_ENTRIES && first + i < c->nblocks; i++) {
+		u64 v = le64_to_cpu(ent[i]);
+
+		if (!v || (!snap && v == 1))
+			continue;
+		if (v < c->first_data_block || v >= max(c->fpos, c->first_data_block)) {
+			LOG_ERROR(-EINVAL, "cow index entry of block %llu points outside the data area (%llu)",
+				  first + i, v);
+			return -EINVAL;
+		}
+		if (used && __test_and_set_bit(v - c->first_data_block, used)) {
+			LOG_ERROR(-EINVAL, "cow index entries share data slot %llu (block %llu)", v, first + i);
+			return -EINVAL;
+		}
+	}
+	return 0;
+}
+
 /*
  * Load an existing, cleanly closed COW file for activation of a reloaded
  * tracer (spec 4.4 "reload or reopen").  Reads the header and index through
@@ -607,6 +643,7 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 	struct cow_header *h;
 	loff_t size = i_size_read(inode), pos;
 	void *buf = NULL;
+	unsigned long *used = NULL;
 	u64 s;
 	int err;
 
@@ -651,11 +688,12 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 	atomic64_set(&c->nr_changed, h->nr_changed_blocks);
 	c->flags = h->flags & ~COW_CLEAN;
 	/* fpos only means something while there is a data area (snapshot mode) */
-	if (size < c->data_offset || (size & (COW_BLOCK - 1)) ||
-	    (snap && (c->fpos < c->first_data_block || c->fpos * COW_BLOCK > size))) {
+	if (size < c->data_offset || (size & (COW_BLOCK - 1)) || c->fsize < c->data_offset ||
+	    c->fsize > size ||
+	    (snap && (c->fpos < c->first_data_block || c->fpos > c->fsize / COW_BLOCK))) {
 		err = -EINVAL;
-		LOG_ERROR(err, "cow file does not fit this device (size %lld, fpos %llu, index end %llu)",
-			  (long long)size, c->fpos, c->data_offset);
+		LOG_ERROR(err, "cow file does not fit this device (size %lld, fsize %llu, fpos %llu, index end %llu)",
+			  (long long)size, c->fsize, c->fpos, c->data_offset);
 		goto fail;
 	}
 	c->alloc_len = size;
@@ -671,6 +709,13 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 		c->fpos = fpos;
 		atomic64_set(&c->nr_changed, nr);
 	}
+	if (snap) {
+		used = bitmap_zalloc_node_kv(c->fpos - c->first_data_block);
+		if (!used) {
+			err = -ENOMEM;
+			goto fail;
+		}
+	}
 	for (s = 0; s < c->nsect; s++) {
 		u64 *sec;
 
@@ -682,6 +727,9 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 		}
 		if (!memchr_inv(buf, 0, COW_SECT_BYTES))
 			continue;
+		err = cow_check_section(c, s, buf, used, snap);
+		if (err)
+			goto fail;
 		sec = kvmalloc(COW_SECT_BYTES, GFP_KERNEL);
 		if (!sec) {
 			err = -ENOMEM;
@@ -691,6 +739,8 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 		c->sections[s] = sec;
 		cond_resched();
 	}
+	kvfree(used);
+	used = NULL;
 	err = cow_map_range(c, inode, 0, c->alloc_len);
 	if (!err)
 		err = cow_rebuild_dext(c);
@@ -700,6 +750,7 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 	*errp = 0;
 	return c;
 fail:
+	kvfree(used);
 	kvfree(buf);
 	cow_free(c);
 	*errp = err;

@@ -43,6 +43,7 @@ def test_bad_arguments_give_documented_errors_and_change_nothing(
     ]  # fmt: skip
     result = o.require("ioctl-fuzz", "--seed", seed, "--calls", CALLS, *common, timeout=1200)
     assert result["calls"] == CALLS
+    print(result["message"])
     result = o.require(
         "ioctl-fuzz",
         "--seed",
@@ -81,9 +82,11 @@ with Control() as c:
         c.reload_snapshot("/dev/vdb", "/.datto", 0)
         sh("mount", "/dev/vdb", "/mnt/vol")
         i = c.info(0)
-        outcomes.append({**v, "state": i.state, "error": i.error})
+        readable = None
         if i.state == 3:  # accepted: the snapshot must be readable end to end
-            sh("dd", "if=/dev/datto0", "of=/dev/null", "bs=1M")
+            dd = ["dd", "if=/dev/datto0", "of=/dev/null", "bs=1M"]
+            readable = subprocess.run(dd, capture_output=True).returncode == 0
+        outcomes.append({**v, "state": i.state, "error": i.error, "readable": readable})
         c.destroy(0)
         sh("umount", "/mnt/vol")
 result = outcomes
@@ -114,9 +117,12 @@ def test_corrupt_cow_files_are_refused_at_reload(module_guest: Guest, oracles: O
     assert len(listed) >= 15, listed
 
     outcomes = g.py(f"VARIANTS = {listed!r}\n{RELOAD_EACH}", timeout=1200)
+    for x in outcomes:
+        print(f"{x['name']}: state {x['state']} error {x['error']} readable {x['readable']}")
     accepted_wrongly = [x for x in outcomes if x["must_refuse"] and (x["state"], x["error"]) == (3, 0)]
     assert not accepted_wrongly, f"reload accepted corrupt files the spec refuses: {accepted_wrongly}"
     for x in outcomes:
         refused = x["state"] == 5 and x["error"] < 0
         assert refused or (x["state"], x["error"]) == (3, 0), f"neither refused nor active: {x}"
+        assert x["readable"] is not False, f"accepted, but the snapshot is not readable: {x}"
     g.assert_no_kernel_findings()

@@ -330,6 +330,7 @@ def test_every_flush_point_is_consistent_and_the_cow_file_clean_or_refused(
         "/dev/vdc", "/dev/vdd", "--image", "/tmp/point.img", "--cow", "/.datto", "--sectors", sectors,
         "--points", 10, "--after-mark", "setup", "--manifest", "/root/pre.json", "--manifest-dir", "/pre",
     )  # fmt: skip
+    print(result["message"])
     assert result["cow_dirty"] > 0, f"no crash point saw the active (dirty) COW file: {result['message']}"
     assert result["cow_clean"] > 0, f"no crash point saw the finalized COW file: {result['message']}"
     g.assert_no_kernel_findings()
