@@ -9,8 +9,10 @@ The model predicts, for any sequence of writes, discards and tracer transitions:
 
 Blocks hold opaque ``bytes`` tokens (a guest driver maps them to real 4 KiB contents). A discarded
 block's content is unknown (``None``): thin or zeroing devices may return zeros or the old data.
-Because discards are untracked (spec §9.11) such blocks are *uncertain*: a snapshot or an
-update-img result may legitimately differ there, and the model lists them instead of guessing.
+Upstream does not track discards (spec §9.11); our module marks them in incremental mode and
+completes them without touching the origin during a snapshot (doc/compat.md, defect 11). The model
+keeps such blocks *uncertain*, which both behaviours satisfy: a snapshot or an update-img result may
+legitimately differ there, and the model lists them instead of guessing.
 Invalid transitions raise :class:`ModelError`, as the driver answers EINVAL/ENOENT/EBUSY.
 """
 
