@@ -6,6 +6,7 @@ import ctypes
 import errno
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,21 @@ def _failing(code: int) -> ioctlfuzz.IoctlFn:
     return ioctl
 
 
-def test_documented_failures_are_not_findings(tmp_path: Path) -> None:
-    report = ioctlfuzz.fuzz(
-        1, 300, _paths(tmp_path), ioctl=_failing(errno.EINVAL), read_state=lambda: EMPTY, ctl_fd=-1
+def _fuzz(
+    tmp_path: Path,
+    seed: int,
+    calls: int,
+    ioctl: ioctlfuzz.IoctlFn,
+    read_state: Callable[[], str] = lambda: EMPTY,
+    privileged: bool = True,
+) -> ioctlfuzz.FuzzReport:
+    return ioctlfuzz.fuzz(
+        seed, calls, _paths(tmp_path), privileged=privileged, ioctl=ioctl, read_state=read_state, ctl_fd=-1
     )
+
+
+def test_documented_failures_are_not_findings(tmp_path: Path) -> None:
+    report = _fuzz(tmp_path, 1, 300, _failing(errno.EINVAL))
     assert report.ok, report.findings
     assert len(report.calls) == 300
     ops = {c.op.split()[0] for c in report.calls}
@@ -41,9 +53,7 @@ def test_documented_failures_are_not_findings(tmp_path: Path) -> None:
 
 def test_same_seed_same_calls(tmp_path: Path) -> None:
     def run(seed: int) -> list[tuple[str, str]]:
-        r = ioctlfuzz.fuzz(
-            seed, 80, _paths(tmp_path), ioctl=_failing(errno.EINVAL), read_state=lambda: EMPTY, ctl_fd=-1
-        )
+        r = _fuzz(tmp_path, seed, 80, _failing(errno.EINVAL))
         # unterminated-string addresses differ between runs; compare everything else
         return [(c.op, json.dumps({k: v for k, v in c.args.items()}, sort_keys=True)) for c in r.calls]
 
@@ -55,17 +65,13 @@ def test_same_seed_same_calls(tmp_path: Path) -> None:
 
 
 def test_undocumented_errno_is_a_finding(tmp_path: Path) -> None:
-    report = ioctlfuzz.fuzz(
-        2, 10, _paths(tmp_path), ioctl=_failing(errno.ENOTTY), read_state=lambda: EMPTY, ctl_fd=-1
-    )
+    report = _fuzz(tmp_path, 2, 10, _failing(errno.ENOTTY))
     assert not report.ok and "undocumented errno ENOTTY" in report.findings[0]
 
 
 def test_failed_call_that_changes_state_is_a_finding(tmp_path: Path) -> None:
     states = iter([EMPTY] + [json.dumps({"devices": [{"minor": i, "state": 3}]}) for i in range(100)])
-    report = ioctlfuzz.fuzz(
-        3, 5, _paths(tmp_path), ioctl=_failing(errno.EBUSY), read_state=lambda: next(states), ctl_fd=-1
-    )
+    report = _fuzz(tmp_path, 3, 5, _failing(errno.EBUSY), lambda: next(states))
     assert not report.ok and "failed with EBUSY but changed /proc/datto-info" in report.findings[0]
 
 
@@ -75,9 +81,7 @@ def test_moving_change_counter_is_not_a_state_change(tmp_path: Path) -> None:
     def state() -> str:
         return json.dumps({"devices": [{"minor": 0, "state": 2, "nr_changed_blocks": next(counter)}]})
 
-    report = ioctlfuzz.fuzz(
-        4, 50, _paths(tmp_path), ioctl=_failing(errno.EINVAL), read_state=state, ctl_fd=-1
-    )
+    report = _fuzz(tmp_path, 4, 50, _failing(errno.EINVAL), state)
     assert report.ok, report.findings
     assert any("used 0" in str(c.args.get("minor")) for c in report.calls), (
         "existing minors must be fuzzed too"
@@ -85,25 +89,9 @@ def test_moving_change_counter_is_not_a_state_change(tmp_path: Path) -> None:
 
 
 def test_unprivileged_calls_must_all_get_eperm(tmp_path: Path) -> None:
-    ok = ioctlfuzz.fuzz(
-        5,
-        40,
-        _paths(tmp_path),
-        privileged=False,
-        ioctl=_failing(errno.EPERM),
-        read_state=lambda: EMPTY,
-        ctl_fd=-1,
-    )
+    ok = _fuzz(tmp_path, 5, 40, _failing(errno.EPERM), privileged=False)
     assert ok.ok
-    bad = ioctlfuzz.fuzz(
-        5,
-        40,
-        _paths(tmp_path),
-        privileged=False,
-        ioctl=_failing(errno.EINVAL),
-        read_state=lambda: EMPTY,
-        ctl_fd=-1,
-    )
+    bad = _fuzz(tmp_path, 5, 40, _failing(errno.EINVAL), privileged=False)
     assert not bad.ok and "without CAP_SYS_ADMIN gave EINVAL, not EPERM" in bad.findings[0]
 
 
@@ -113,7 +101,7 @@ def test_successful_setup_is_remembered_for_cleanup(tmp_path: Path) -> None:
             return 0
         raise OSError(errno.EINVAL, "no")
 
-    report = ioctlfuzz.fuzz(7, 400, _paths(tmp_path), ioctl=driver, read_state=lambda: EMPTY, ctl_fd=-1)
+    report = _fuzz(tmp_path, 7, 400, driver)
     assert report.created, "some setup-snapshot calls succeed with this driver"
 
 
