@@ -101,6 +101,18 @@ def _full_image(g: Guest, vol: Volume) -> None:
     assert _state(g) == (2, 0)
 
 
+def _incremental_with_changes(g: Guest, vol: Volume, tag: str) -> str:
+    """Full image, then incremental with 10 MiB changed (base rewritten, `pre` new); returns the uuid."""
+    _backups(g)
+    write_file(g, f"{MNT}/base", 16, "base")
+    _full_image(g, vol)
+    uuid = info(g, 0).uuid
+    write_file(g, f"{MNT}/base", 4, "changed")
+    write_file(g, f"{MNT}/pre", 6, tag)
+    g.check("sync")
+    return uuid
+
+
 def _update_img_is_exact(g: Guest, new_cow: str = "/mnt/vol/.datto1", old_cow: str = COW) -> None:
     """transition-to-snapshot, update-img from the old (now CLEAN|INDEX_ONLY) file: image == snapshot."""
     r = dbdctl(g, f"transition-to-snapshot {new_cow} 0")
@@ -198,13 +210,7 @@ def test_umount_mount_cycle_incremental(module_guest: Guest, ext4_volume: Volume
     """umount of an incremental volume leaves a dormant incremental (0) with a CLEAN|INDEX_ONLY file;
     mount reactivates it (2); blocks changed before the umount and after the mount all reach update-img."""
     g, vol = module_guest, ext4_volume
-    _backups(g)
-    write_file(g, f"{MNT}/base", 16, "base")
-    _full_image(g, vol)
-    uuid = info(g, 0).uuid
-    write_file(g, f"{MNT}/base", 4, "changed")
-    write_file(g, f"{MNT}/pre", 6, "pre-umount")
-    g.check("sync")
+    uuid = _incremental_with_changes(g, vol, "pre-umount")
     nr_before = info(g, 0).nr_changed_blocks
     assert nr_before >= 2560
 
@@ -324,13 +330,7 @@ def test_reload_incremental_after_clean_reboot(module_guest: Guest, ext4_volume:
     an unverified tracer (4); the rw mount activates it (2) with seqid, uuid and change count kept,
     and the update-img chain stays byte-exact across the reboot."""
     g, vol = module_guest, ext4_volume
-    _backups(g)
-    write_file(g, f"{MNT}/base", 16, "base")
-    _full_image(g, vol)
-    uuid = info(g, 0).uuid
-    write_file(g, f"{MNT}/base", 4, "changed")
-    write_file(g, f"{MNT}/pre", 6, "pre-reboot")
-    g.check("sync")
+    uuid = _incremental_with_changes(g, vol, "pre-reboot")
     _umount(g)
     assert _state(g) == (0, 0)
     hdr = _header(_cow_via_ro_mount(g, vol.device))
