@@ -1172,7 +1172,8 @@ static int dbd_pre_flush(struct cow_store *c, struct page **pages, u64 *blks, un
 	err = cow_write_slots(c, pages, n, c->fpos);
 	for (i = 0; i < n && !err; i++) {
 		err = cow_entry_set(c, blks[i], c->fpos + i);
-		atomic64_inc(&c->nr_changed);
+		if (!err && c->version >= 1)
+			atomic64_inc(&c->nr_changed);
 	}
 	c->fpos += n;
 	return err;
@@ -1273,7 +1274,7 @@ void dbd_activate_unverified(struct dbd_tracer *tr)
 	}
 	mutex_unlock(&tr->wlock);
 	dbd_hook_sync();
-	if (!snap)
+	if (!snap && c->version >= 1)
 		atomic64_set(&c->nr_changed, dbd_count_changed(tr));
 	tr->state = (tr->state & DBD_STATE_SNAPSHOT) | DBD_STATE_ACTIVE;
 	if (snap && !err)
