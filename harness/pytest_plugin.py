@@ -16,6 +16,7 @@ runs everything on it. The other kernels' deep instances are deselected, and the
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from collections.abc import Generator, Iterator
@@ -74,7 +75,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+_CONFIG: dict[str, pytest.Config] = {}
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _CONFIG["config"] = config
     config.addinivalue_line("markers", "guest: needs a QEMU guest (boots a throwaway VM)")
     config.addinivalue_line("markers", "slow: takes more than a minute")
     config.addinivalue_line("markers", "guest_config(**kwargs): Guest() keyword arguments for this test")
@@ -127,6 +132,67 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if names & GUEST_FIXTURES:
             item.add_marker(pytest.mark.guest)
             item.add_marker(pytest.mark.slow)
+    _longest_first(items)
+
+
+# Longest-first scheduling: with 2 xdist workers a long test started last leaves one worker idle
+# for minutes. Guest tests are ordered by their last known duration (kept in the harness cache,
+# outside the checkout); unknown ones count as long, so new tests start early.
+DURATIONS_FILE = "guest-test-durations.json"
+UNKNOWN_DURATION = 90.0
+_DURATIONS = pytest.StashKey[dict[str, float]]()
+
+
+def _durations_path() -> Any:
+    from vmimages.cache import cache_dir
+
+    return cache_dir() / DURATIONS_FILE
+
+
+def _load_durations() -> dict[str, float]:
+    try:
+        data = json.loads(_durations_path().read_text())
+        return {str(k): float(v) for k, v in data.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _longest_first(items: list[pytest.Item]) -> None:
+    known = _load_durations()
+    guest = [i for i in items if i.get_closest_marker("guest")]
+    if len(guest) < 2:
+        return
+    order = {id(i): n for n, i in enumerate(items)}
+    guest.sort(key=lambda i: (-known.get(i.nodeid, UNKNOWN_DURATION), order[id(i)]))
+    rest = [i for i in items if not i.get_closest_marker("guest")]
+    items[:] = rest + guest
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.passed or report.failed:
+        config = getattr(report, "config", None) or _CONFIG.get("config")
+        if config is not None:
+            seen = config.stash.setdefault(_DURATIONS, {})
+            seen[report.nodeid] = seen.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The controller (or a plain run) merges this run's guest test durations into the cache."""
+    if hasattr(session.config, "workerinput"):
+        return
+    seen = session.config.stash.get(_DURATIONS, {})
+    seen = {k: v for k, v in seen.items() if "[debian-" in k}
+    if not seen:
+        return
+    merged = {**_load_durations(), **{k: round(v, 1) for k, v in seen.items()}}
+    path = _durations_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, indent=0, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass  # an unwritable cache only costs the ordering
 
 
 def _target_of(item: pytest.Item) -> str | None:

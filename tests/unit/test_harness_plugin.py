@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 TESTS = """
@@ -16,6 +19,12 @@ def test_uses_guest(guest):
 def test_plain():
     pass
 """
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Inner pytest runs record guest durations: keep them out of the real harness cache."""
+    monkeypatch.setenv("DBD_CACHE_DIR", str(tmp_path / "private-cache"))
 
 
 def test_kernel_option_parametrizes_and_marks(pytester: pytest.Pytester) -> None:
@@ -113,3 +122,34 @@ def test_summary_line_counts_scenarios_blocks_and_failures(pytester: pytest.Pyte
         "oracle scenarios: 2 run, 1 failed; 15 blocks verified, 4 checks passed, 2 crash points checked"
         in res.stdout.str()
     )
+
+
+ORDER_TESTS = """
+def test_short(guest):
+    pass
+
+def test_long(guest):
+    pass
+
+def test_new(guest):
+    pass
+
+def test_host():
+    pass
+"""
+
+
+def test_guest_tests_run_longest_first_by_last_known_duration(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DBD_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "guest-test-durations.json").write_text(
+        json.dumps({"test_o.py::test_short[debian-6.1]": 5.0, "test_o.py::test_long[debian-6.1]": 300.0})
+    )
+    pytester.makeconftest('pytest_plugins = ["harness.pytest_plugin"]')
+    pytester.makepyfile(test_o=ORDER_TESTS)
+    res = pytester.runpytest("--kernel", "debian-6.1", "--collect-only", "-q")
+    names = [line.split("::")[1] for line in res.stdout.lines if line.startswith("test_o.py::")]
+    # host tests first, then guests: 300 s, unknown (counts as 90 s), 5 s
+    assert names == ["test_host", "test_long[debian-6.1]", "test_new[debian-6.1]", "test_short[debian-6.1]"]
