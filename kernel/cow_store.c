@@ -838,6 +838,19 @@ int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tr
 }
 
 /* write the header with @flags (FUA), by bio */
+/* make every write that completed before this call durable (an empty PREFLUSH, no data) */
+static int cow_flush_device(struct block_device *bdev)
+{
+	struct bio *bio = dbd_bio_alloc(bdev, 0, REQ_OP_WRITE | REQ_PREFLUSH, GFP_KERNEL);
+	int err;
+
+	if (!bio)
+		return -ENOMEM;
+	err = submit_bio_wait(bio);
+	bio_put(bio);
+	return err;
+}
+
 int cow_write_header(struct cow_store *c, u32 flags, bool tracked)
 {
 	struct dbd_io io;
@@ -856,6 +869,23 @@ int cow_write_header(struct cow_store *c, u32 flags, bool tracked)
 	}
 	if (!tracked)
 		c->meta_written = true;
+	/*
+	 * A CLEAN header promises a complete index: the index sections written
+	 * before it must be durable first (found by write-point replay: a crash
+	 * could leave CLEAN with an all-zero index).  An empty flush, not
+	 * PREFLUSH on the header itself: dm resubmits a flush-with-data's data
+	 * part from its own context, where the hook would take it for an origin
+	 * write.  FUA makes the header durable before we go on, which a dirty
+	 * header needs so that later index changes never precede it on disk.
+	 */
+	if (flags & COW_CLEAN) {
+		err = cow_flush_device(c->bdev);
+		if (err) {
+			__free_page(hp);
+			LOG_ERROR(err, "error flushing the cow index before its clean header");
+			return err;
+		}
+	}
 	dbd_io_init(&io);
 	dbd_bb_init(&bb, c->bdev, REQ_OP_WRITE | REQ_FUA, &io);
 	bb.tracked = tracked;
