@@ -345,6 +345,7 @@ def racing(module_guest: Guest) -> Iterator[Guest]:
     module_guest.run("pkill -f 'guestlib churn|fio|dd if=/dev/datto0' || true")
 
 
+@pytest.mark.deep  # ~2 min per kernel; the dm-error and replay scenarios cover the I/O paths everywhere
 @pytest.mark.guest_config(disks=[DiskSpec(320)])
 def test_writers_readers_and_transitions_race(racing: Guest, oracles: Oracles, seed: int) -> None:
     """Background writers and /dev/datto0 readers while the host cycles transition-to-incremental and
