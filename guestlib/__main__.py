@@ -27,6 +27,8 @@ Commands:
   ioctl-fuzz --seed S --calls N --bdev DEV --cow-dir DIR [--other PATH]... [--unprivileged]
              [--max-minor M]                    bad-input fuzzing of /dev/datto-ctl (guestlib.ioctlfuzz);
                                                 destroys the tracers it created unless --unprivileged
+  agent DIR                                     serve the consistency fuzzer's steps through the FIFOs
+                                                DIR/in and DIR/out until a quit request (guestlib.agent)
 """
 
 from __future__ import annotations
@@ -359,6 +361,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["agent"]:  # a server, not a one-JSON-object command
+        from guestlib import agent
+
+        return agent.main(args_list[1:])
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:

@@ -31,12 +31,27 @@ from harness.errors import (
     GuestError,
     KernelWarningError,
 )
-from harness.images import GuestDisk, ImageLike, guest_image, image_files_exist, module_path, prepare_run
+from harness.images import (
+    GuestDisk,
+    ImageLike,
+    guest_image,
+    image_files_exist,
+    is_debug_target,
+    module_path,
+    prepare_run,
+)
 from harness.qemu import XCHG_MOUNT, DiskSpec, QemuConfig, RunDir, build_command, format_command
 from harness.qmp import QMP
 from harness.watch import ConsoleWatcher, Expectation, Finding
 
 DEFAULT_TIMEOUT = 120.0
+DEBUG_TIME_SCALE = 4.0
+# kmemleak's report of unreferenced objects at least 5 s old (its minimum age), debugfs mounted first.
+KMEMLEAK_SCAN = (
+    "d=/sys/kernel/debug; [ -e $d/kmemleak ] || mount -t debugfs debugfs $d; "
+    "[ -e $d/kmemleak ] || { echo 'no $d/kmemleak: CONFIG_DEBUG_KMEMLEAK unset?' >&2; exit 3; }; "
+    "sleep 5 && echo scan > $d/kmemleak && cat $d/kmemleak"
+)
 BOOT_TIMEOUT = 120.0
 DEFAULT_DISKS = (DiskSpec(size_mib=512),)  # one sparse raw scratch disk, /dev/vdb (XFS needs >= 300 MiB)
 _REBOOT_LINE = (
@@ -105,12 +120,17 @@ class Guest:
         self.module_params = dict(module_params or {})
         self.module_src = module_src
         self.name = name or f"guest-{self.target}"
-        self.boot_timeout = boot_timeout
+        # Debug kernels (KASAN, lockdep, kmemleak) run several times slower under TCG: every command
+        # and boot timeout is stretched by this factor there, so tests keep one set of timeouts.
+        self.time_scale = DEBUG_TIME_SCALE if is_debug_target(self.target) else 1.0
+        self.boot_timeout = boot_timeout * self.time_scale
         self.accel = accel
         self.append_extra = append_extra
         self.image: ImageLike | None = image
         self.keep = keep
         self.watcher = ConsoleWatcher()
+        # Findings that did not come from the console (the kmemleak scan at close, on debug kernels).
+        self.extra_findings: list[Finding] = []
         self._st: _State | None = None
         self._reset_pending: tuple[int, float] | None = None  # (console offset, time) of a reset
         self._closed = False
@@ -181,18 +201,26 @@ class Guest:
         if self._reset_pending is None:
             raise GuestError("wait_ready() without a pending power_cut()/reboot()")
         mark, t0 = self._reset_pending
-        self._wait_ready(mark, timeout)
+        self._wait_ready(mark, timeout * self.time_scale)
         self.boot_seconds = time.monotonic() - t0
         self._reset_pending = None
         st.qmp.set_reboot_action("shutdown")  # a reboot or panic ends QEMU again
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Clean shutdown (exit the shell: testinit powers off), killing QEMU if it does not exit."""
+    def close(self, timeout: float = 30.0, scan_leaks: bool = True) -> None:
+        """Clean shutdown (exit the shell: testinit powers off), killing QEMU if it does not exit.
+
+        On a debug kernel a kmemleak scan runs first (scan_leaks); a leak becomes a finding."""
         if self._closed or self._st is None:
             self._closed = True
             return
         self._closed = True
         st = self._st
+        if scan_leaks and st.console.alive() and st.shell.ready and is_debug_target(self.target):
+            try:
+                self._check_kmemleak()
+            except GuestError as e:
+                line = f"kmemleak scan failed: {e}"
+                self.extra_findings.append(Finding("kmemleak", line, 0, line, ("kmemleak",)))
         if st.console.alive():
             exited = False
             if st.shell.ready:
@@ -216,7 +244,7 @@ class Guest:
         if test_failed:
             self.capture_failure_state()
         try:
-            self.close()
+            self.close(scan_leaks=not test_failed)
         finally:
             findings = self.unexpected_findings()
             saved = None
@@ -238,7 +266,7 @@ class Guest:
         """Run a bash command (any length, newlines allowed) in a subshell; output is exact."""
         st = self._require_shell()
         since = self.watcher.line_count
-        raw = st.shell.run(cmd, timeout, crash_check=lambda: self._panicked_since(since))
+        raw = st.shell.run(cmd, timeout * self.time_scale, crash_check=lambda: self._panicked_since(since))
         return CommandResult(
             stdout=raw.stdout.decode(errors="replace"),
             stderr=raw.stderr.decode(errors="replace"),
@@ -327,7 +355,37 @@ class Guest:
         return self.watcher.findings()
 
     def unexpected_findings(self) -> list[Finding]:
-        return self.watcher.unexpected()
+        return self.watcher.unexpected() + self.extra_findings
+
+    def kmemleak_scan(self, clear: bool = False) -> str:
+        """Run a kmemleak scan now and return its report (empty: no unreferenced object).
+
+        Objects younger than kmemleak's minimum age (5 s) are never reported, so this waits that
+        long first. clear=True then forgets the reported objects (a test that leaks on purpose).
+        Needs a kernel with CONFIG_DEBUG_KMEMLEAK (the debug targets)."""
+        r = self.check(KMEMLEAK_SCAN + (" && echo clear > $d/kmemleak" if clear else ""), timeout=300)
+        return r.stdout
+
+    def _check_kmemleak(self) -> None:
+        """At close on a debug kernel: any unreferenced object becomes a `kmemleak` finding."""
+        report = self.kmemleak_scan()
+        if not report.strip():
+            return
+        st = self._require()
+        (st.rundir.path / "kmemleak.txt").write_text(report)
+        self.register_artifact(st.rundir.path / "kmemleak.txt")
+        objects = report.count("unreferenced object")
+        lines = report.splitlines()
+        self.extra_findings.append(
+            Finding(
+                kind="kmemleak",
+                line=f"kmemleak: {objects} unreferenced object(s) at the end of the test",
+                line_no=0,
+                excerpt="\n".join(lines[:80])
+                + ("\n[...] (all of it in kmemleak.txt)" if len(lines) > 80 else ""),
+                kinds=("kmemleak",),
+            )
+        )
 
     def assert_no_kernel_findings(self) -> None:
         found = self.unexpected_findings()

@@ -60,6 +60,14 @@ def all_targets() -> list[str]:
     return list(matrix.targets())
 
 
+def is_debug_target(target: str) -> bool:
+    """True for a debug kernel (KASAN, lockdep, kmemleak); see vmimages/matrix.toml."""
+    from vmimages import matrix
+
+    t = matrix.targets().get(target)
+    return bool(t and t.debug)
+
+
 def guest_image(target: str, rootfs: str = "bookworm") -> GuestImage:
     """The (cached) image for target/rootfs; builds it on first use."""
     from vmimages import ensure_guest_image

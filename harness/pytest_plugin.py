@@ -12,6 +12,10 @@ Matrix depth: tests marked `deep` (scenario variants whose kernel-facing paths a
 covers on every kernel) run only on the `--deep-on` kernels. The default, `auto`, is the default
 target when `--kernel all` (what CI runs) and every chosen kernel otherwise, so naming one kernel
 runs everything on it. The other kernels' deep instances are deselected, and the header says so.
+
+Debug kernels (`debug = true` in vmimages/matrix.toml: KASAN, lockdep, kmemleak; several times
+slower under TCG) run only the tests marked `debugkernel`, deep or not; the rest is deselected
+there. Every guest on a debug kernel ends with a kmemleak scan, and a leak fails the test.
 """
 
 from __future__ import annotations
@@ -84,6 +88,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a minute")
     config.addinivalue_line("markers", "guest_config(**kwargs): Guest() keyword arguments for this test")
     config.addinivalue_line("markers", "deep: full-depth scenario, runs only on the --deep-on kernels")
+    config.addinivalue_line(
+        "markers", "debugkernel: also runs on the debug kernels (the only tests that run there)"
+    )
+    config.addinivalue_line("markers", "debugonly: runs only on the debug kernels")
 
 
 def selected_kernels(config: pytest.Config) -> list[str]:
@@ -108,10 +116,23 @@ def deep_kernels(config: pytest.Config) -> list[str]:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    deep = deep_kernels(config)
-    subset = [k for k in selected_kernels(config) if k not in deep]
+    chosen = selected_kernels(config)
+    debug = [k for k in chosen if images.is_debug_target(k)]
+    deep = [k for k in deep_kernels(config) if k not in debug]
+    subset = [k for k in chosen if k not in deep and k not in debug]
     line = f"guest kernels: all tests on {', '.join(deep) or 'none'}"
-    return line + (f"; without the deep ones on {', '.join(subset)}" if subset else "")
+    line += f"; without the deep ones on {', '.join(subset)}" if subset else ""
+    return line + (f"; only the debugkernel ones on {', '.join(debug)}" if debug else "")
+
+
+def _runs_on(item: pytest.Item, deep: set[str]) -> bool:
+    """Whether this instance runs at this matrix depth (see the module docstring)."""
+    target = _target_of(item)
+    if target is not None and images.is_debug_target(target):
+        return any(item.get_closest_marker(m) for m in ("debugkernel", "debugonly"))
+    if item.get_closest_marker("debugonly"):
+        return False
+    return not item.get_closest_marker("deep") or target in deep
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -122,7 +143,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     deep = set(deep_kernels(config))
-    shallow = [item for item in items if item.get_closest_marker("deep") and _target_of(item) not in deep]
+    shallow = [item for item in items if not _runs_on(item, deep)]
     if shallow:
         config.hook.pytest_deselected(items=shallow)
         dropped = {id(item) for item in shallow}

@@ -59,6 +59,8 @@ def ensure_chroot(suite: str, progress: Progress) -> Path:
             cmd = mmdebstrap_cmd(sources, suite, chroot_packages(suite), root, CHROOT_EXCLUDES)
             run(cmd, env=host_env())
         for t in suite_targets(suite):
+            if t.built_from_source:
+                continue  # its build tree is a kernel artifact, mounted at /kbuild when used
             if not (root / t.headers_dir.lstrip("/") / "Makefile").is_file():
                 raise ModuleBuildError(f"chroot {suite}: {t.headers_dir} missing after install")
         (root / "build").mkdir(exist_ok=True)
@@ -67,9 +69,12 @@ def ensure_chroot(suite: str, progress: Progress) -> Path:
 
 
 def build_in_chroot(
-    root: Path, target: Target, src_dir: Path, build_id: str, module: str
+    root: Path, target: Target, src_dir: Path, build_id: str, module: str, kbuild: Path | None = None
 ) -> tuple[bytes, str]:
-    """Copy src_dir to /build/<build_id> in the chroot, make it, return (module bytes, build log)."""
+    """Copy src_dir to /build/<build_id> in the chroot, make it, return (module bytes, build log).
+
+    kbuild: a source-built kernel's artifact, bind-mounted at /kbuild (its headers_dir lives there).
+    """
     bdir = root / "build" / build_id
     if bdir.exists():
         shutil.rmtree(bdir)
@@ -78,7 +83,9 @@ def build_in_chroot(
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, dest, follow_symlinks=False)
     script = (
-        'mount -t proc proc "$1/proc" && exec chroot "$1" /usr/bin/env -i '
+        'mount -t proc proc "$1/proc" && '
+        'if [ -n "$5" ]; then mkdir -p "$1/kbuild" && mount --bind "$5" "$1/kbuild"; fi && '
+        'exec chroot "$1" /usr/bin/env -i '
         "PATH=/usr/sbin:/usr/bin:/sbin:/bin "
         'HOME=/root LC_ALL=C.UTF-8 make -C "$2" -j"$3" KDIR="$4"'
     )
@@ -96,6 +103,7 @@ def build_in_chroot(
         f"/build/{build_id}",
         str(os.cpu_count() or 2),
         target.headers_dir,
+        str(kbuild or ""),
     ]
     try:
         p = subprocess.run(
@@ -126,13 +134,20 @@ def ensure_module(target: str, src_dir: Path, progress: bool | None = None, modu
     src_key = tree_key(src_dir)
     root = ensure_chroot(t.suite, prog)
     build_id = key_of(src_key, t.name, module)
-    key = key_of("module", src_key, chroot_key(t.suite), t.name, module)
+    kbuild: Path | None = None
+    kernel_part: tuple[str, ...] = ()
+    if t.built_from_source:
+        from .kernel import ensure_kernel, kernel_key
+
+        kbuild = ensure_kernel(t, prog).root
+        kernel_part = (kernel_key(t),)
+    key = key_of("module", src_key, chroot_key(t.suite), t.name, module, *kernel_part)
     art = Artifact("module", f"{t.name}-{module}", key)
 
     def build(tmp: Path) -> None:
         require_root(f"{module}.ko (chroot build)")
         with prog.step(f"{t.name}: build {module}.ko"):
-            data, log = build_in_chroot(root, t, src_dir, build_id, module)
+            data, log = build_in_chroot(root, t, src_dir, build_id, module, kbuild)
             ko = tmp / f"{module}.ko"
             ko.write_bytes(data)
             (tmp / "build.log").write_text(log)

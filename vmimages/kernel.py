@@ -17,6 +17,7 @@ from .apt import PrivateApt, extract_debs, run
 from .cache import Artifact, key_of
 from .matrix import Target
 from .progress import Progress
+from .srckernel import build_source_kernel, source_key
 
 # Bump when the layout or content of the kernel artifact changes.
 KERNEL_FORMAT = 2
@@ -277,11 +278,31 @@ def _build(target: Target, tmp: Path, *, progress: Progress) -> None:
     shutil.rmtree(work)
 
 
+def _build_from_source(target: Target, tmp: Path, *, progress: Progress) -> None:
+    from .chroot import ensure_chroot  # the chroot module needs this one for module builds
+
+    chroot = ensure_chroot(target.suite, progress)
+    full = build_source_kernel(target, chroot, tmp, progress)
+    if not has_pvh_note((tmp / "vmlinux").read_bytes()):
+        raise KernelError(f"{target.name}: vmlinux has no PVH entry note (CONFIG_PVH unset?)")
+    files = KernelFiles(tmp, target.kernel_release)
+    trim_modules(full, files.module_dir)
+    shutil.rmtree(tmp / "modroot")
+    with progress.step(f"{target.name}: depmod"):
+        run(["depmod", "-b", str(files.modules_base), target.kernel_release])
+        check_required(files.module_dir)
+
+
 def kernel_key(target: Target) -> str:
+    if target.built_from_source:
+        from .chroot import chroot_key
+
+        return key_of("kernel", KERNEL_FORMAT, source_key(target), chroot_key(target.suite), MODULE_SUBDIRS)
     return key_of("kernel", KERNEL_FORMAT, target.kernel_release, target.kernel_packages, MODULE_SUBDIRS)
 
 
 def ensure_kernel(target: Target, progress: Progress) -> KernelFiles:
     art = Artifact("kernel", target.name, kernel_key(target))
-    root = art.ensure(functools.partial(_build, target, progress=progress))
+    build = _build_from_source if target.built_from_source else _build
+    root = art.ensure(functools.partial(build, target, progress=progress))
     return KernelFiles(root, target.kernel_release)

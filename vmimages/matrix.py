@@ -29,9 +29,24 @@ class Target:
     headers_packages: tuple[str, ...]  # "name=version" installed in the build chroot
     build_packages: tuple[str, ...]  # make, gcc-N, libc6-dev, ...
     sources: SuiteSources  # apt suites of `suite`
+    # A kernel built here from Debian's linux-source package ("name=version") with a config
+    # fragment of vmimages/kconfig/, instead of Debian's binary kernel packages.
+    source_package: str | None = None
+    config_fragment: str | None = None
+    # A debug kernel (KASAN, lockdep, kmemleak): slow under TCG, so the guest suite runs only its
+    # tests marked `debugkernel` on it, and every guest ends with a kmemleak scan.
+    debug: bool = False
+
+    @property
+    def built_from_source(self) -> bool:
+        return self.source_package is not None
 
     @property
     def headers_dir(self) -> str:
+        """KDIR of module builds inside the build chroot (a source-built kernel's build tree is
+        bind-mounted at /kbuild there)."""
+        if self.built_from_source:
+            return "/kbuild/out"
         return f"/usr/src/linux-headers-{self.kernel_release}"
 
 
@@ -109,8 +124,19 @@ def parse(text: str) -> Matrix:
             headers_packages=_strs(t, "headers_packages", where, []),
             build_packages=_strs(t, "build_packages", where, ["make", "gcc", "libc6-dev"]),
             sources=sources(suite, where),
+            source_package=t.get("source_package"),
+            config_fragment=t.get("config_fragment"),
+            debug=bool(t.get("debug", False)),
         )
-        for pin in target.kernel_packages + target.headers_packages:
+        if target.built_from_source:
+            if not target.config_fragment or target.kernel_packages or target.headers_packages:
+                raise MatrixError(
+                    f"{where}: a source_package target needs config_fragment and no kernel/headers packages"
+                )
+        elif not target.kernel_packages:
+            raise MatrixError(f"{where}: needs kernel_packages (or source_package + config_fragment)")
+        source_pins = (target.source_package,) if target.source_package else ()
+        for pin in target.kernel_packages + target.headers_packages + source_pins:
             if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*=[A-Za-z0-9.+~:-]+", pin):
                 raise MatrixError(f"{where}: package pin {pin!r} is not name=version")
         targets[name] = target

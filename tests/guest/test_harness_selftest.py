@@ -25,8 +25,10 @@ from harness.pytest_plugin import Volume
 
 pytestmark = pytest.mark.guest
 WARNMOD = Path(__file__).with_name("warnmod")
+LEAKMOD = Path(__file__).with_name("leakmod")
 
 
+@pytest.mark.debugkernel
 def test_boot_and_uname(guest: Guest, guest_image: Any) -> None:
     assert guest.run("uname -r").stdout.strip() == guest_image.kernel_release
     mounts = guest.check("cat /proc/mounts").stdout
@@ -67,6 +69,7 @@ def test_py_structured_results_and_errno(guest: Guest) -> None:
     assert ei.value.type == "KeyError" and ei.value.errno is None
 
 
+@pytest.mark.debugkernel
 def test_warning_is_caught_and_fails_unless_expected(
     target: str, guest_image: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -85,6 +88,26 @@ def test_warning_is_caught_and_fails_unless_expected(
     assert unexpected.kind == "warning" and not unexpected.expected
     saved = tmp_path / "warn"
     assert (saved / "console.log").is_file() and "warnmod_init" in (saved / "findings.txt").read_text()
+
+
+@pytest.mark.debugonly
+def test_kmemleak_finds_a_leak_and_fails_the_test(
+    target: str, guest_image: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a debug kernel every guest ends with a kmemleak scan; prove a real leak fails the test."""
+    monkeypatch.setenv("DBD_ARTIFACTS", str(tmp_path))
+    ko = module_path(target, LEAKMOD, module="leakmod")
+    g = Guest(target, image=guest_image, module=False, name="leak")
+    with pytest.raises(KernelWarningError) as ei, g:
+        assert g.kmemleak_scan() == "", "kmemleak reports objects before the test did anything"
+        (g.xchg / "leakmod.ko").write_bytes(ko.read_bytes())
+        g.check("insmod /xchg/leakmod.ko")
+        report = g.kmemleak_scan(clear=True)
+        assert report.count("unreferenced object") >= 1 and "leakmod" in report, report
+        g.check("rmmod leakmod && insmod /xchg/leakmod.ko")  # leaks again; the close-time scan sees it
+    [leak] = ei.value.findings
+    assert leak.kind == "kmemleak" and "leakmod" in leak.excerpt
+    assert "leakmod" in (tmp_path / "leak" / "kmemleak.txt").read_text()
 
 
 def test_panic_is_a_failure_although_qemu_exits_0(guest: Guest, guest_image: Any) -> None:

@@ -36,7 +36,10 @@ EXT4_DISK, XFS_DISK, BACKUP_DISK = DiskSpec(192), DiskSpec(320), DiskSpec(512)
 # Per parameter, never also on the function: the function's guest_config marker would win.
 EXT4_GUEST = pytest.mark.guest_config(disks=[EXT4_DISK, BACKUP_DISK])
 XFS_GUEST = pytest.mark.guest_config(disks=[XFS_DISK, BACKUP_DISK])
-FSTYPES = [pytest.param("ext4", marks=EXT4_GUEST), pytest.param("xfs", marks=[pytest.mark.deep, XFS_GUEST])]
+FSTYPES = [
+    pytest.param("ext4", marks=[EXT4_GUEST, pytest.mark.debugkernel]),
+    pytest.param("xfs", marks=[pytest.mark.deep, XFS_GUEST]),
+]
 MKFS = {
     "ext4": "mkfs.ext4 -q -F -O ^orphan_file -E lazy_itable_init=0,lazy_journal_init=0",
     "xfs": "mkfs.xfs -q -f",
@@ -247,6 +250,7 @@ def _error_table(sectors: int, holes: list[tuple[int, int]], under: str) -> str:
     return "\\n".join(lines)
 
 
+@pytest.mark.debugkernel
 @pytest.mark.parametrize("where", ["cow", "origin"])
 @pytest.mark.guest_config(disks=[DiskSpec(160)])
 def test_io_error_fails_the_tracer_and_the_origin_keeps_working(
@@ -345,6 +349,7 @@ def racing(module_guest: Guest) -> Iterator[Guest]:
     module_guest.run("pkill -f 'guestlib churn|fio|dd if=/dev/datto0' || true")
 
 
+@pytest.mark.debugkernel
 @pytest.mark.deep  # ~2 min per kernel; the dm-error and replay scenarios cover the I/O paths everywhere
 @pytest.mark.guest_config(disks=[DiskSpec(320)])
 def test_writers_readers_and_transitions_race(racing: Guest, oracles: Oracles, seed: int) -> None:

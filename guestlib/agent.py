@@ -1,0 +1,240 @@
+"""A long-lived guest process that runs the consistency fuzzer's steps (``python3 -m guestlib agent``).
+
+Starting python3 under TCG costs most of a second; a Hypothesis example is dozens of steps. The
+agent is started once per guest and serves requests through two FIFOs: the host's shell command
+writes one JSON request line to ``<dir>/in`` and reads one JSON reply line from ``<dir>/out``
+(see fuzz/guest_machine.py, class Agent). A request is ``{"op": NAME, ...}``; the reply is
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": TEXT, "errno": N}``.
+
+The arena: a file on the tracked filesystem, fully written and fsynced, whose physical 4 KiB
+blocks (from FIEMAP) are the model's device. Raw writes go to the block device at those blocks,
+beside the filesystem, which never reads or rewrites them: the filesystem stays consistent while
+the fuzzer controls the exact blocks the tracer sees, and reads of /dev/dattoN at the same blocks
+are the snapshot the model predicts.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import struct
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pydbd import cow as cowfmt
+from pydbd.control import Control
+
+BLOCK = 4096
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_FLAG_SYNC = 0x1
+FIEMAP_EXTENT_LAST = 0x1
+# Extents whose physical location is not plain data on the device: refuse such an arena.
+FIEMAP_EXTENT_BAD = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x800  # unknown, delalloc, encoded, ...
+
+
+class AgentError(Exception):
+    pass
+
+
+def block_content(token: str) -> bytes:
+    """The 4 KiB a model token stands for (distinct tokens give distinct blocks)."""
+    seed = hashlib.sha256(token.encode()).digest()
+    return (seed * (BLOCK // len(seed)))[:BLOCK]
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def token_digest(token: str) -> str:
+    return digest(block_content(token))
+
+
+def fiemap_extents(path: str) -> list[tuple[int, int]]:
+    """(physical byte offset, byte length) of every extent of a fully written file (FIEMAP, synced)."""
+    size = os.stat(path).st_size
+    out: list[tuple[int, int]] = []
+    start = 0
+    with open(path, "rb") as f:
+        while start < size:
+            count = 64
+            buf = bytearray(32 + 56 * count)
+            struct.pack_into("=QQIIII", buf, 0, start, size - start, FIEMAP_FLAG_SYNC, 0, count, 0)
+            fcntl.ioctl(f.fileno(), FS_IOC_FIEMAP, buf)
+            (mapped,) = struct.unpack_from("=I", buf, 20)
+            if mapped == 0:
+                break
+            last = False
+            for i in range(mapped):
+                logical, physical, length, _r1, _r2, flags = struct.unpack_from("=QQQQQI", buf, 32 + 56 * i)
+                if flags & FIEMAP_EXTENT_BAD:
+                    raise AgentError(f"{path}: extent at {logical} is not plain data (flags {flags:#x})")
+                out.append((physical, length))
+                start = logical + length
+                last = bool(flags & FIEMAP_EXTENT_LAST)
+            if last:
+                break
+    return out
+
+
+def whole_blocks(extents: list[tuple[int, int]]) -> list[int]:
+    """Device 4 KiB blocks lying wholly inside one extent (a 1 KiB-block filesystem may straddle)."""
+    out: list[int] = []
+    for physical, length in extents:
+        first = -(-physical // BLOCK)
+        out.extend(range(first, (physical + length) // BLOCK))
+    return out
+
+
+class Agent:
+    def __init__(self) -> None:
+        self.arena: list[int] = []
+        self.device = ""
+        self.buf = mmap.mmap(-1, BLOCK)  # page aligned, as O_DIRECT wants
+
+    # -- ops -----------------------------------------------------------------------------------
+    def op_arena(self, path: str, device: str, blocks: int) -> list[int]:
+        """Create the arena file and return the device blocks of the model (`blocks` of them).
+
+        The file is written with data (not fallocated: unwritten extents are not plain data) and
+        twice the size needed, since only 4 KiB device blocks wholly inside it are used."""
+        with open(path, "wb") as f:
+            for i in range(2 * blocks + 4):
+                f.write(block_content(f"arena:{i}"))
+            f.flush()
+            os.fsync(f.fileno())
+        usable = whole_blocks(fiemap_extents(path))
+        if len(usable) < blocks:
+            raise AgentError(f"{path}: only {len(usable)} whole 4 KiB device blocks, {blocks} needed")
+        self.arena = usable[:blocks]
+        self.device = device
+        return self.arena
+
+    def _pread(self, fd: int, block: int) -> bytes:
+        n = os.preadv(fd, [self.buf], block * BLOCK)
+        if n != BLOCK:
+            raise AgentError(f"short read of block {block}: {n} bytes")
+        return bytes(self.buf)
+
+    def op_write(self, blocks: list[int], tokens: list[str]) -> int:
+        """O_DIRECT writes of model blocks (arena indexes) with the tokens' contents."""
+        fd = os.open(self.device, os.O_WRONLY | os.O_DIRECT)
+        try:
+            for index, token in zip(blocks, tokens, strict=True):
+                self.buf[:] = block_content(token)
+                os.pwritev(fd, [self.buf], self.arena[index] * BLOCK)
+        finally:
+            os.close(fd)
+        return len(blocks)
+
+    def op_digests(self, path: str) -> list[str]:
+        """Digest of every arena block as `path` (origin or /dev/dattoN) reads it, bypassing caches."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            return [digest(self._pread(fd, b)) for b in self.arena]
+        finally:
+            os.close(fd)
+
+    def op_ctl(self, method: str, args: list[Any]) -> int:
+        """One pydbd Control call; the errno it failed with, or 0."""
+        try:
+            with Control() as c:
+                getattr(c, method)(*args)
+        except OSError as e:
+            return e.errno or errno.EIO
+        return 0
+
+    def op_info(self, minor: int) -> dict[str, Any] | None:
+        try:
+            with Control() as c:
+                i = c.info(minor)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        return {"state": i.state, "error": i.error, "seqid": i.seqid, "uuid": i.uuid_hex,
+                "nr_changed": i.nr_changed_blocks, "cow": i.cow, "version": i.version}  # fmt: skip
+
+    def op_state(self, minor: int, snapdev: str) -> dict[str, Any]:
+        """One round trip for the invariants: tracer info, origin digests, snapshot digests (if any)."""
+        info = self.op_info(minor)
+        snap = self.op_digests(snapdev) if os.path.exists(snapdev) else None
+        return {"info": info, "origin": self.op_digests(self.device), "snapshot": snap}
+
+    def op_cow_index(self, path: str, device_sectors: int) -> dict[str, Any]:
+        """A closed COW file: the arena indexes it marks, its header's seqid, uuid, counts, flags."""
+        where = {b: i for i, b in enumerate(self.arena)}
+        with cowfmt.CowFile(path, device_sectors) as cf:
+            marked = sorted(where[b] for b, _v in cf.iter_changed() if b in where)
+            h = cf.header
+            return {"marked": marked, "seqid": h.seqid, "uuid": h.uuid.hex(), "flags": h.flags,
+                    "nr_changed": h.nr_changed_blocks, "version": h.version}  # fmt: skip
+
+    def op_sh(self, cmd: str) -> dict[str, Any]:
+        import subprocess
+
+        p = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, errors="replace", check=False)
+        return {"rc": p.returncode, "out": p.stdout[-4000:], "err": p.stderr[-4000:]}
+
+    def op_files(self, directory: str, seed: int, count: int, fsync: bool) -> int:
+        """Filesystem activity beside the arena: (re)write, truncate and delete small files."""
+        import random
+
+        rng = random.Random(seed)
+        os.makedirs(directory, exist_ok=True)
+        for _ in range(count):
+            name = os.path.join(directory, f"f{rng.randrange(16)}")
+            action = rng.randrange(4)
+            if action == 3 and os.path.exists(name):
+                os.unlink(name)
+                continue
+            with open(name, "ab" if action == 1 else "wb") as f:
+                f.write(os.urandom(rng.randrange(1, 64 * 1024)))
+                if action == 2:
+                    f.truncate(rng.randrange(0, 16 * 1024))
+                if fsync:
+                    os.fsync(f.fileno())
+        return count
+
+
+def serve(directory: str) -> None:
+    agent = Agent()
+    ops: dict[str, Callable[..., Any]] = {
+        name[3:]: getattr(agent, name) for name in dir(agent) if name.startswith("op_")
+    }
+    inp, outp = os.path.join(directory, "in"), os.path.join(directory, "out")
+    for p in (inp, outp):
+        if not os.path.exists(p):
+            os.mkfifo(p)
+    with open(os.path.join(directory, "pid"), "w") as f:
+        f.write(f"{os.getpid()}\n")
+    done = False
+    while not done:
+        with open(inp) as f:
+            line = f.readline()
+        if not line.strip():
+            continue
+        reply: dict[str, Any]
+        try:
+            req = json.loads(line)
+            op = req.pop("op")
+            done = op == "quit"
+            reply = {"ok": True, "result": None if done else ops[op](**req)}
+        except Exception as e:  # every failure goes back to the host, which decides
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "errno": getattr(e, "errno", None)}
+        with open(outp, "w") as f:
+            f.write(json.dumps(reply) + "\n")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python3 -m guestlib agent DIR", file=sys.stderr)
+        return 2
+    os.makedirs(argv[0], exist_ok=True)
+    serve(argv[0])
+    return 0

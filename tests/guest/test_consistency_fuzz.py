@@ -1,0 +1,64 @@
+"""The consistency state machine (fuzz/guest_machine.py) on a real module in one long-lived guest.
+
+CI runs a short derandomized budget: the same examples every run, so a failure here is a change
+in the module, not luck. `fuzz/run` runs the same test with fresh examples for a time budget
+(DBD_FUZZ_MINUTES, DBD_FUZZ_RANDOM=1) and a Hypothesis database kept in the harness cache, and
+exports each shrunk failure to tests/regressions/ (DBD_REGRESSIONS_DIR).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from fuzz.guest_machine import DISK_MIB, CampaignResult, prepare, run_campaign
+from harness import artifacts
+from harness.guest import Guest
+from harness.pytest_plugin import Volume
+from harness.qemu import DiskSpec
+
+EXAMPLES_PER_ROUND = int(os.environ.get("DBD_FUZZ_EXAMPLES", "4"))
+STEPS_PER_EXAMPLE = int(os.environ.get("DBD_FUZZ_STEPS", "20"))
+
+
+def _database(target: str) -> Path | None:
+    if os.environ.get("DBD_FUZZ_RANDOM") != "1":
+        return None
+    from vmimages.cache import cache_dir
+
+    return cache_dir() / "hypothesis-guest" / target
+
+
+@pytest.mark.debugkernel
+@pytest.mark.guest_config(disks=[DiskSpec(DISK_MIB)])
+def test_consistency_state_machine(
+    target: str, module_guest: Guest, ext4_volume: Volume, request: pytest.FixtureRequest
+) -> None:
+    env = prepare(module_guest, ext4_volume.device, ext4_volume.mountpoint)
+    export_dir = Path(os.environ.get("DBD_REGRESSIONS_DIR") or artifacts.test_dir(request.node.nodeid))
+    minutes = float(os.environ.get("DBD_FUZZ_MINUTES", "0"))
+    deadline = time.monotonic() + minutes * 60
+    start = time.monotonic()
+    rounds = 0
+    while True:  # one derandomized round in CI; rounds of fresh examples until the budget in campaigns
+        run_campaign(
+            env,
+            max_examples=EXAMPLES_PER_ROUND,
+            steps=STEPS_PER_EXAMPLE,
+            database_dir=_database(target),
+            derandomize=os.environ.get("DBD_FUZZ_RANDOM") != "1",
+            kernel=target,
+            export_dir=export_dir,
+        )
+        rounds += 1
+        if time.monotonic() >= deadline:
+            break
+    result = CampaignResult(env.examples, env.steps, time.monotonic() - start)
+    print(f"\n{target}: {result.line()}, {rounds} round(s), {env.client.calls} agent calls")
+    request.node.user_properties.extend(
+        [("fuzz_examples", env.examples), ("fuzz_steps", env.steps), ("fuzz_seconds", round(result.seconds))]
+    )
+    assert env.examples >= EXAMPLES_PER_ROUND and env.steps > env.examples, "the machine ran no steps"
