@@ -112,7 +112,8 @@ def run(kernel: str, workers: str, junit: Path, deep_on: str | None, extra: Sequ
         return 1
     built = time.monotonic() - start
     argv = [
-        str(Path(sys.executable).with_name("pytest")), "-q", "tests/guest", f"--kernel={kernel}",
+        str(Path(sys.executable).with_name("pytest")), "-q", "tests/guest", "tests/regressions",
+        f"--kernel={kernel}",
         "-n", workers, f"--junitxml={junit}",
     ]  # fmt: skip
     if deep_on:

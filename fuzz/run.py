@@ -5,9 +5,13 @@
 1. Host (a `--host-share` of the budget): pytest on fuzz/ (Hypothesis state machine of the driver
    model, every parser of untrusted input) with the `dev` profile, over and over. Its example
    database lives in the harness cache, so failing examples replay first in the next campaign.
-2. Guest (the rest): tests/guest/test_ioctl_fuzz.py (bad ioctl arguments in every tracer state,
-   corrupt COW files handed to reload) on `--kernel`, one fresh seed per round. The next seed is kept
-   in the cache (`fuzz-campaign/<kernel>.json`), so a campaign continues with seeds never tried.
+2. Guest consistency (a `--consistency-share` of the rest): the Hypothesis state machine of
+   fuzz/guest_machine.py in one long-lived guest, fresh examples for the whole budget, its example
+   database in the cache (`hypothesis-guest/<kernel>`), each shrunk failure exported to
+   tests/regressions/ as a standalone pytest file.
+3. Guest bad input (the rest): tests/guest/test_ioctl_fuzz.py (bad ioctl arguments in every tracer
+   state, corrupt COW files handed to reload) on `--kernel`, one fresh seed per round. The next seed
+   is kept in the cache (`fuzz-campaign/<kernel>.json`), so a campaign continues with seeds never tried.
 
 Prints rounds, seeds and, for every failure, the one command that reproduces it. Exits 1 if
 anything failed.
@@ -31,6 +35,8 @@ from vmimages.cache import cache_dir  # noqa: E402
 
 PYTEST = str(Path(sys.executable).with_name("pytest"))
 GUEST_FILE = "tests/guest/test_ioctl_fuzz.py"
+CONSISTENCY_FILE = "tests/guest/test_consistency_fuzz.py"
+BOOT_ALLOWANCE_S = 60.0  # guest boot, module load, mkfs and agent start before the machine runs
 
 
 @dataclass
@@ -82,6 +88,32 @@ def host_phase(deadline: float) -> list[str]:
     return failures
 
 
+def consistency_phase(kernel: str, deadline: float) -> list[str]:
+    minutes = max(0.5, (deadline - time.monotonic() - BOOT_ALLOWANCE_S) / 60)
+    env = {
+        **os.environ,
+        "DBD_FUZZ_RANDOM": "1",
+        "DBD_FUZZ_MINUTES": f"{minutes:.2f}",
+        "DBD_REGRESSIONS_DIR": str(REPO / "tests" / "regressions"),
+    }
+    argv = [PYTEST, "-q", "-s", CONSISTENCY_FILE, f"--kernel={kernel}", "-p", "no:cacheprovider"]
+    start = time.monotonic()
+    p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, errors="replace")
+    took = time.monotonic() - start
+    lines = [ln for ln in p.stdout.splitlines() if "consistency fuzzing:" in ln or "exported as" in ln]
+    for ln in lines:
+        print(f"  {ln.strip()}", flush=True)
+    print(f"  consistency machine: {'ok' if p.returncode == 0 else f'FAILED (exit {p.returncode})'} "
+          f"in {took:.0f}s", flush=True)  # fmt: skip
+    if p.returncode != 0:
+        tail = "\n".join(p.stdout.splitlines()[-30:])
+        print(tail, flush=True)
+        return [
+            f"consistency: see the exported file under tests/regressions/ (pytest it with --kernel {kernel})"
+        ]
+    return []
+
+
 def guest_phase(kernel: str, deadline: float) -> list[str]:
     campaign = Campaign.load(kernel)
     failures = []
@@ -103,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernel", default="debian-6.1")
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--host-share", type=float, default=0.3)
+    p.add_argument("--consistency-share", type=float, default=0.7, help="of the guest part")
     p.add_argument("--host-only", action="store_true")
     a = p.parse_args(argv)
     start = time.monotonic()
@@ -111,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fuzz campaign: {a.minutes:g} minutes on {a.kernel} (cache {cache_dir()})", flush=True)
     failures = host_phase(host_end)
     if not a.host_only and not failures:
+        consistency_end = time.monotonic() + (end - time.monotonic()) * a.consistency_share
+        failures += consistency_phase(a.kernel, consistency_end)
         failures += guest_phase(a.kernel, end)
     campaign = Campaign.load(a.kernel)
     took = (time.monotonic() - start) / 60

@@ -57,6 +57,14 @@ def test_everywhere(target):
 @pytest.mark.deep
 def test_deep(target):
     pass
+
+@pytest.mark.debugkernel
+def test_debug_too(target):
+    pass
+
+@pytest.mark.debugonly
+def test_debug_only(target):
+    pass
 """
 
 
@@ -75,12 +83,18 @@ def test_deep_tests_run_on_the_default_kernel_only_with_kernel_all(
     from harness import images
 
     monkeypatch.delenv("DBD_DEEP_ON", raising=False)
-    everywhere = {f"test_everywhere[{k}]" for k in images.all_targets()}
+    debug = [k for k in images.all_targets() if images.is_debug_target(k)]
+    plain = [k for k in images.all_targets() if k not in debug]
+    assert debug, "the matrix has a debug kernel target"
+    everywhere = {f"test_everywhere[{k}]" for k in plain}
+    everywhere |= {f"test_debug_too[{k}]" for k in images.all_targets()}
+    on_debug = {f"test_debug_only[{k}]" for k in debug}
     ids, out = _collected(pytester, "--kernel", "all")
-    assert ids == everywhere | {f"test_deep[{images.default_target()}]"}
-    assert f"({len(images.all_targets()) - 1} deselected)" in out
+    assert ids == everywhere | on_debug | {f"test_deep[{images.default_target()}]"}
+    # deselected: deep on the other plain kernels, everything unmarked on debug, debugonly on plain
+    assert f"({(len(plain) - 1) + 2 * len(debug) + len(plain)} deselected)" in out
     ids, _ = _collected(pytester, "--kernel", "all", "--deep-on", "all")
-    assert ids == everywhere | {f"test_deep[{k}]" for k in images.all_targets()}
+    assert ids == everywhere | on_debug | {f"test_deep[{k}]" for k in plain}
 
 
 def test_naming_kernels_runs_deep_tests_on_them(
@@ -88,7 +102,7 @@ def test_naming_kernels_runs_deep_tests_on_them(
 ) -> None:
     monkeypatch.delenv("DBD_DEEP_ON", raising=False)
     ids, _ = _collected(pytester, "--kernel", "debian-6.12")
-    assert ids == {"test_everywhere[debian-6.12]", "test_deep[debian-6.12]"}
+    assert ids == {"test_everywhere[debian-6.12]", "test_deep[debian-6.12]", "test_debug_too[debian-6.12]"}
     args = ("--kernel", "debian-5.10,debian-7.2", "--deep-on", "debian-7.2")
     ids, _ = _collected(pytester, *args)
     assert "test_deep[debian-5.10]" not in ids and "test_deep[debian-7.2]" in ids

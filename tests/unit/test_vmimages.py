@@ -485,3 +485,45 @@ def test_append_overlay_adds_a_second_archive(tmp_path: Path) -> None:
     assert overlay["premount"][1] == b"#!/bin/sh\n"
     assert overlay["etc"][0] & 0o170000 == 0o040000 and overlay["etc/x"][0] & 0o170000 == 0o040000
     assert overlay["bin/blkid"] == (0o120777, b"busybox")
+
+
+SOURCE_TARGET = """
+[targets.dbg]
+suite = "x"
+kernel_release = "1.0-dbg"
+source_package = "linux-source-1.0=1.0-1"
+config_fragment = "debug-guest.config"
+debug = true
+"""
+
+
+def test_matrix_source_target() -> None:
+    m = matrix.parse(MINI + SOURCE_TARGET)
+    t = m.targets["dbg"]
+    assert t.built_from_source and t.debug and t.headers_dir == "/kbuild/out"
+    assert not m.targets["a"].built_from_source and not m.targets["a"].debug
+    for bad in (
+        SOURCE_TARGET.replace('config_fragment = "debug-guest.config"', ""),
+        SOURCE_TARGET + 'kernel_packages = ["linux-image-x=1"]\n',
+        SOURCE_TARGET.replace('"linux-source-1.0=1.0-1"', '"linux-source-1.0"'),
+        SOURCE_TARGET.replace('source_package = "linux-source-1.0=1.0-1"', ""),
+    ):
+        with pytest.raises(matrix.MatrixError):
+            matrix.parse(MINI + bad)
+
+
+def test_debug_fragment_is_checked_option_by_option() -> None:
+    from vmimages import srckernel
+
+    wanted = srckernel.parse_fragment(
+        'CONFIG_KASAN=y\n# CONFIG_DRM is not set\nCONFIG_LOCALVERSION="-x"\n# a comment\n'
+    )
+    assert wanted == {"CONFIG_KASAN": "y", "CONFIG_DRM": "n", "CONFIG_LOCALVERSION": '"-x"'}
+    final = {"CONFIG_KASAN": "y", "CONFIG_LOCALVERSION": '"-x"'}
+    assert srckernel.config_mismatches(wanted, final) == []  # absent counts as "not set"
+    final = {"CONFIG_DRM": "m", "CONFIG_LOCALVERSION": '"-x"'}
+    assert srckernel.config_mismatches(wanted, final) == ["CONFIG_KASAN=y (got n)", "CONFIG_DRM=n (got m)"]
+    # the real fragment asks for the debug options the CI issue names
+    real = srckernel.parse_fragment((srckernel.KCONFIG_DIR / "debug-guest.config").read_text())
+    for opt in ("KASAN", "PROVE_LOCKING", "DEBUG_ATOMIC_SLEEP", "DEBUG_KMEMLEAK", "DEBUG_OBJECTS"):
+        assert real[f"CONFIG_{opt}"] == "y"
