@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,20 @@ from harness.images import module_path
 from harness.pytest_plugin import Volume
 
 pytestmark = pytest.mark.guest
-WARNMOD = Path(__file__).with_name("warnmod")
-LEAKMOD = Path(__file__).with_name("leakmod")
+TESTMODS = Path(__file__).with_name("testmods")
+
+
+@contextlib.contextmanager
+def _selftest_guest(
+    target: str, image: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str
+) -> Iterator[Guest]:
+    """A guest named after `module` (tests/guest/testmods), without dattobd, with /xchg/<module>.ko;
+    its artifacts go to tmp_path/<module>. Kernel findings raise when the block is left."""
+    monkeypatch.setenv("DBD_ARTIFACTS", str(tmp_path))
+    ko = module_path(target, TESTMODS, module=module)
+    with Guest(target, image=image, module=False, name=module) as g:
+        (g.xchg / f"{module}.ko").write_bytes(ko.read_bytes())
+        yield g
 
 
 @pytest.mark.debugkernel
@@ -73,11 +87,10 @@ def test_py_structured_results_and_errno(guest: Guest) -> None:
 def test_warning_is_caught_and_fails_unless_expected(
     target: str, guest_image: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("DBD_ARTIFACTS", str(tmp_path))
-    ko = module_path(target, WARNMOD, module="warnmod")
-    g = Guest(target, image=guest_image, module=False, name="warn")
-    with pytest.raises(KernelWarningError) as ei, g:
-        (g.xchg / "warnmod.ko").write_bytes(ko.read_bytes())
+    with (
+        pytest.raises(KernelWarningError) as ei,
+        _selftest_guest(target, guest_image, tmp_path, monkeypatch, "warnmod") as g,
+    ):
         with g.expect_kernel_finding("WARNING:"):
             g.check("insmod /xchg/warnmod.ko")
         [expected] = g.kernel_findings()
@@ -86,7 +99,7 @@ def test_warning_is_caught_and_fails_unless_expected(
         g.check("rmmod warnmod && insmod /xchg/warnmod.ko")  # the same warning, not announced this time
     [unexpected] = ei.value.findings
     assert unexpected.kind == "warning" and not unexpected.expected
-    saved = tmp_path / "warn"
+    saved = tmp_path / "warnmod"
     assert (saved / "console.log").is_file() and "warnmod_init" in (saved / "findings.txt").read_text()
 
 
@@ -95,19 +108,18 @@ def test_kmemleak_finds_a_leak_and_fails_the_test(
     target: str, guest_image: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On a debug kernel every guest ends with a kmemleak scan; prove a real leak fails the test."""
-    monkeypatch.setenv("DBD_ARTIFACTS", str(tmp_path))
-    ko = module_path(target, LEAKMOD, module="leakmod")
-    g = Guest(target, image=guest_image, module=False, name="leak")
-    with pytest.raises(KernelWarningError) as ei, g:
+    with (
+        pytest.raises(KernelWarningError) as ei,
+        _selftest_guest(target, guest_image, tmp_path, monkeypatch, "leakmod") as g,
+    ):
         assert g.kmemleak_scan() == "", "kmemleak reports objects before the test did anything"
-        (g.xchg / "leakmod.ko").write_bytes(ko.read_bytes())
         g.check("insmod /xchg/leakmod.ko")
         report = g.kmemleak_scan(clear=True)
         assert report.count("unreferenced object") >= 1 and "leakmod" in report, report
         g.check("rmmod leakmod && insmod /xchg/leakmod.ko")  # leaks again; the close-time scan sees it
     [leak] = ei.value.findings
     assert leak.kind == "kmemleak" and "leakmod" in leak.excerpt
-    assert "leakmod" in (tmp_path / "leak" / "kmemleak.txt").read_text()
+    assert "leakmod" in (tmp_path / "leakmod" / "kmemleak.txt").read_text()
 
 
 def test_panic_is_a_failure_although_qemu_exits_0(guest: Guest, guest_image: Any) -> None:
