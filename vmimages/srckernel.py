@@ -7,7 +7,9 @@ absolute paths are the same when dattobd.ko is later built against it:
     <artifact>/src        the unpacked linux-source tarball
     <artifact>/out        the O= build tree: .config, Module.symvers, scripts, generated headers
                           (object files removed: an external module build needs none of them)
-    <artifact>/vmlinux    the ELF the guest boots (PVH entry)
+    <artifact>/bzImage    what the guest boots. Not the PVH ELF of the binary targets: with KASAN,
+                          the PVH entry calls the instrumented memcmp before the shadow memory
+                          exists and triple-faults (6.12); the bzImage path sets KASAN up first
     <artifact>/config     the final .config
     <artifact>/modules    lib/modules/<release>, depmod'ed, like a binary target's kernel artifact
     <artifact>/build.log  make's output, and build-time.txt the seconds each step took
@@ -32,7 +34,7 @@ from .matrix import Target
 from .progress import Progress
 
 # Bump when the build steps or the artifact layout change.
-SRCKERNEL_FORMAT = 1
+SRCKERNEL_FORMAT = 2
 KCONFIG_DIR = Path(__file__).with_name("kconfig")
 MOUNT_POINT = "/kbuild"
 # Kept in <artifact>/out after the build: everything but these (object files and their command
@@ -151,7 +153,7 @@ def build_source_kernel(target: Target, chroot: Path, tmp: Path, progress: Progr
             f"{target.name}: options of {fragment_path(target)} did not survive olddefconfig "
             f"(a dependency is missing; add it to the fragment): {', '.join(bad)}"
         )
-    step("make vmlinux modules", f"{mk} vmlinux modules")
+    step("make bzImage modules", f"{mk} bzImage modules")
     step(
         "modules_install",
         f"{mk} INSTALL_MOD_PATH={MOUNT_POINT}/modroot INSTALL_MOD_STRIP=1 DEPMOD=/bin/true modules_install",
@@ -162,7 +164,9 @@ def build_source_kernel(target: Target, chroot: Path, tmp: Path, progress: Progr
             f"{target.name}: the build's release is {release!r}, matrix.toml says "
             f"{target.kernel_release!r}; fix kernel_release there"
         )
-    os.rename(tmp / "out" / "vmlinux", tmp / "vmlinux")
+    os.rename(tmp / "out" / "arch" / "x86" / "boot" / "bzImage", tmp / "bzImage")
+    for big in ("vmlinux", "vmlinux.o", "vmlinux.a"):  # ~200 MB, unused by module builds
+        (tmp / "out" / big).unlink(missing_ok=True)
     shutil.copy2(tmp / "out" / ".config", tmp / "config")
     _prune_objects(tmp / "out")
     (tmp / "build-time.txt").write_text("".join(times))
