@@ -60,8 +60,10 @@ static inline sector_t dbd_bdev_start(struct block_device *bdev)
 	return get_start_sect(bdev);
 }
 
-/* Sector of the bio relative to the start of @bdev (bio not yet remapped
- * in the common case; a remapped bio already carries absolute sectors). */
+/*
+ * Sector of the bio relative to the start of @bdev (bio not yet remapped
+ * in the common case; a remapped bio already carries absolute sectors).
+ */
 static inline sector_t dbd_bio_rel_sector(struct bio *bio, struct block_device *bdev)
 {
 #ifdef DBD_HAVE_BIO_REMAPPED

@@ -240,6 +240,7 @@ u64 cow_entry_get(struct cow_store *c, u64 b)
 
 	if (b >= c->nblocks)
 		return 0;
+	/* pairs with the release in cow_entry_set(): a section seen here is fully zeroed */
 	s = smp_load_acquire(&c->sections[b / COW_SECT_ENTRIES]);
 	return s ? READ_ONCE(s[b % COW_SECT_ENTRIES]) : 0;
 }
@@ -257,6 +258,7 @@ int cow_entry_set(struct cow_store *c, u64 b, u64 v)
 		s = kvzalloc(COW_SECT_BYTES, GFP_NOIO);
 		if (!s)
 			return -ENOMEM;
+		/* publish the zeroed section to lockless cow_entry_get() readers */
 		smp_store_release(&c->sections[b / COW_SECT_ENTRIES], s);
 	}
 	WRITE_ONCE(s[b % COW_SECT_ENTRIES], v);

@@ -251,6 +251,7 @@ static struct ftrace_ops dbd_mount_ops = {
 };
 static bool dbd_mount_ops_registered;
 static bool dbd_remount_observed;
+/* not const: ftrace_set_filter() takes a writable buffer */
 static char dbd_remount_fn[] = "reconfigure_super";
 static char dbd_remount_fn_del[] = "!reconfigure_super";
 

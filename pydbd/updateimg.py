@@ -134,7 +134,9 @@ def parse_args(args: list[str]) -> Arguments | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. ``argv`` excludes the program name; None means ``sys.argv[1:]``."""
-    prog = sys.argv[0] if argv is None else "update-img"
+    # Like upstream, the usage line names argv[0]; run as `python -m pydbd.updateimg` that would be
+    # this file's path, so the installed command's name is shown instead.
+    prog = sys.argv[0] if argv is None and not sys.argv[0].endswith(".py") else "update-img"
     parsed = parse_args(sys.argv[1:] if argv is None else argv)
     if parsed is None:
         print(USAGE.format(prog=prog), file=sys.stderr)

@@ -250,6 +250,9 @@ def test_usage_names_argv0(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
     monkeypatch.setattr(sys, "argv", ["/usr/bin/update-img", "only-one"])
     assert updateimg.main() == errno.EINVAL
     assert capsys.readouterr().err == "Usage: /usr/bin/update-img <snapshot device> <cow file> <image file>\n"
+    monkeypatch.setattr(sys, "argv", ["/src/pydbd/updateimg.py", "only-one"])  # python -m pydbd.updateimg
+    assert updateimg.main() == errno.EINVAL
+    assert capsys.readouterr().err == "Usage: update-img <snapshot device> <cow file> <image file>\n"
 
 
 def test_main_uses_default_lookups(
