@@ -1,7 +1,7 @@
 """Guest boot benchmark: per target, boot-to-ready and warm start, median of N runs (no assertions).
 
     .venv/bin/python benchmarks/guest_boot.py [--targets debian-6.1,debian-6.12|all] [--runs 5]
-        [--throughput 8] [--cold]
+        [--throughput 8] [--cold] [--json out.json]
 
 * build (warm): `python -m vmimages build --target T` with every cache warm.
 * build (cold, with --cold): the same into a fresh temporary cache (downloads kernels, debootstraps
@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 from harness import Guest
 from harness.images import all_targets, default_target, guest_image
@@ -87,28 +90,42 @@ def main() -> int:
         "--throughput", type=int, default=8, metavar="N", help="guests per target for throughput (0: skip)"
     )
     p.add_argument("--cold", action="store_true", help="also time a cold build of the targets (slow)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     args = p.parse_args()
+    doc: dict[str, Any] = {"host_cpus": os.cpu_count(), "load_before": os.getloadavg(), "targets": {}}
     targets = all_targets() if args.targets == "all" else (args.targets or default_target()).split(",")
     print(f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()}")
     if args.cold:
         with tempfile.TemporaryDirectory(prefix="dbd-cold-") as tmp:
             cold = timed_build(",".join(targets), env={**os.environ, "DBD_CACHE_DIR": tmp})
         print(f"cold build of {', '.join(targets)} (fresh cache): {cold:.1f}s")
+        doc["cold_build_s"] = cold
     for target in targets:
-        print(f"{target}: build (warm): {timed_build(target):.2f}s")
+        warm = timed_build(target)
+        print(f"{target}: build (warm): {warm:.2f}s")
+        entry: dict[str, Any] = {"build_warm_s": warm}
+        doc["targets"][target] = entry
         try:
             res = bench_target(target, args.runs)
         except Exception as e:  # a target whose image cannot be built: say so and go on
-            print(f"{target}: FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"{target}: FAILED: {reason}")
+            entry["failed"] = reason
             continue
+        entry["runs"] = res
+        entry["median_s"] = {name: statistics.median(values) for name, values in res.items()}
         for name, values in res.items():
             n = len(values)
             spread = f" (min {min(values):.2f}, max {max(values):.2f}, n={n})" if n > 1 else ""
             print(f"{target}: {name}: median {statistics.median(values):.2f}s{spread}")
         if args.throughput:
-            print(
-                f"{target}: throughput: {throughput(target, args.throughput):.1f} guests/min with 2 workers"
-            )
+            gpm = throughput(target, args.throughput)
+            entry["guests_per_min_2_workers"] = gpm
+            print(f"{target}: throughput: {gpm:.1f} guests/min with 2 workers")
+    if args.json is not None:
+        doc["load_after"] = os.getloadavg()
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"results written to {args.json}")
     return 0
 
 

@@ -13,13 +13,14 @@ and the median is reported, because a VM's disk is noisy.
 Targets reported against: 1 % scattered at least 20x faster than the full copy; clustered changes
 at >= 70 % of the full copy's bandwidth; peak RSS of the copy < 64 MiB. Nothing is asserted.
 
-    python benchmarks/update_img.py [--size 1G] [--repeat 3] [--dir DIR] [--keep]
+    python benchmarks/update_img.py [--size 1G] [--repeat 3] [--dir DIR] [--keep] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import resource
@@ -33,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -247,12 +249,40 @@ def print_targets(dd: Timing, rows: list[Row], dd_rate: float) -> None:
             print(f"target {row.case} >= 70% of dd bandwidth: {rate / dd_rate:.0%}")
 
 
+def to_json(size: int, repeat: int, dd: Timing, rows: list[Row], dropped: bool) -> dict[str, Any]:
+    """The numbers of print_table as a JSON document."""
+    dd_rate = size / dd.seconds / MIB
+    cases = []
+    for row in rows:
+        rate = row.blocks * BLOCK_SIZE / row.timing.seconds / MIB
+        cases.append(
+            {
+                "case": row.case,
+                "blocks": row.blocks,
+                "seconds": row.timing.seconds,
+                "mib_s": rate,
+                "x_faster_than_dd": dd.seconds / row.timing.seconds,
+                "bw_vs_dd": rate / dd_rate,
+                "max_rss_mib": row.timing.max_rss_kib / 1024,
+            }
+        )
+    return {
+        "size_mib": size / MIB,
+        "repeat": repeat,
+        "page_cache_dropped": dropped,
+        "dd": {"seconds": dd.seconds, "mib_s": dd_rate},
+        "cases": cases,
+        "targets": {"1% scattered x faster": 20, "clustered bw vs dd": 0.7, "max_rss_mib": 64},
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--size", type=parse_size, default=1024 * MIB, help="snapshot size (e.g. 256M, 1G)")
     parser.add_argument("--dir", type=Path, default=None, help="scratch directory (default: a new temp dir)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per case; the median is reported")
     parser.add_argument("--keep", action="store_true", help="keep the scratch files")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     parser.add_argument("--child", nargs=3, metavar=("SNAP", "COW", "IMAGE"), help=argparse.SUPPRESS)
     parser.add_argument("--per-block", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -263,6 +293,10 @@ def main() -> int:
     try:
         dd, rows, dropped = measure(work, args.size, max(1, args.repeat))
         print_table(args.size, dd, rows, dropped)
+        if args.json is not None:
+            doc = to_json(args.size, max(1, args.repeat), dd, rows, dropped)
+            args.json.write_text(json.dumps(doc, indent=2) + "\n")
+            print(f"results written to {args.json}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
