@@ -239,6 +239,12 @@ void dbd_hook_exit(void)
 	synchronize_srcu(&dbd_srcu);
 	while (atomic_read(&dbd_redirects))
 		schedule_timeout_uninterruptible(1);
+	/*
+	 * Every tracer is gone, but the list published by the last removal (empty)
+	 * is still allocated; nothing can read it any more (found by kmemleak).
+	 */
+	kfree(rcu_dereference_protected(dbd_hooks, true));
+	RCU_INIT_POINTER(dbd_hooks, NULL);
 }
 
 static int dbd_hook_publish(struct dbd_tracer *add, struct dbd_tracer *del)
