@@ -17,10 +17,12 @@ import pytest
 from fuzz.guest_machine import DISK_MIB, CampaignResult, prepare, run_campaign
 from harness import artifacts
 from harness.guest import Guest
+from harness.images import is_debug_target
 from harness.pytest_plugin import Volume
 from harness.qemu import DiskSpec
 
 EXAMPLES_PER_ROUND = int(os.environ.get("DBD_FUZZ_EXAMPLES", "4"))
+DEBUG_KERNEL_EXAMPLES = 2  # a debug kernel is several times slower under TCG
 STEPS_PER_EXAMPLE = int(os.environ.get("DBD_FUZZ_STEPS", "20"))
 
 
@@ -38,6 +40,9 @@ def test_consistency_state_machine(
     target: str, module_guest: Guest, ext4_volume: Volume, request: pytest.FixtureRequest
 ) -> None:
     env = prepare(module_guest, ext4_volume.device, ext4_volume.mountpoint)
+    examples = EXAMPLES_PER_ROUND
+    if is_debug_target(target) and "DBD_FUZZ_EXAMPLES" not in os.environ:
+        examples = DEBUG_KERNEL_EXAMPLES
     export_dir = Path(os.environ.get("DBD_REGRESSIONS_DIR") or artifacts.test_dir(request.node.nodeid))
     minutes = float(os.environ.get("DBD_FUZZ_MINUTES", "0"))
     deadline = time.monotonic() + minutes * 60
@@ -46,7 +51,7 @@ def test_consistency_state_machine(
     while True:  # one derandomized round in CI; rounds of fresh examples until the budget in campaigns
         run_campaign(
             env,
-            max_examples=EXAMPLES_PER_ROUND,
+            max_examples=examples,
             steps=STEPS_PER_EXAMPLE,
             database_dir=_database(target),
             derandomize=os.environ.get("DBD_FUZZ_RANDOM") != "1",
@@ -61,4 +66,4 @@ def test_consistency_state_machine(
     request.node.user_properties.extend(
         [("fuzz_examples", env.examples), ("fuzz_steps", env.steps), ("fuzz_seconds", round(result.seconds))]
     )
-    assert env.examples >= EXAMPLES_PER_ROUND and env.steps > env.examples, "the machine ran no steps"
+    assert env.examples >= examples and env.steps > env.examples, "the machine ran no steps"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 
-import pytest
 from dbd import Info, ctl, dbdctl, info, proc_devices, sha256, write_file
 
 from harness.guest import Guest
@@ -66,7 +65,6 @@ def _proc_nr_changed(text: str) -> int:
     return int(line.split(":")[1].strip().rstrip(","))
 
 
-@pytest.mark.debugkernel
 def test_auto_expand_keeps_snapshot_alive(module_guest: Guest, ext4_volume: Volume) -> None:
     g, vol = module_guest, ext4_volume
     before = _setup_and_overwrite(g, vol, auto_expand=True)

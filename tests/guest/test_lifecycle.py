@@ -205,7 +205,6 @@ def test_umount_mount_cycle_snapshot(module_guest: Guest, ext4_volume: Volume, r
     g.assert_no_kernel_findings()
 
 
-@pytest.mark.debugkernel
 @pytest.mark.guest_config(disks=TWO_DISKS)
 def test_umount_mount_cycle_incremental(module_guest: Guest, ext4_volume: Volume) -> None:
     """umount of an incremental volume leaves a dormant incremental (0) with a CLEAN|INDEX_ONLY file;
@@ -365,7 +364,6 @@ def test_reload_incremental_after_clean_reboot(module_guest: Guest, ext4_volume:
     g.assert_no_kernel_findings()
 
 
-@pytest.mark.debugkernel
 def test_power_cut_leaves_reload_unverified_with_einval(module_guest: Guest, ext4_volume: Volume) -> None:
     """After a power cut the COW file's header is dirty: the reloaded tracer is not activated by the
     mount (stays 4, error -22, reported in INFO, /proc and dmesg), not by a second mount either, and
@@ -501,7 +499,6 @@ def test_other_unmounts_and_failed_umount_keep_active(module_guest: Guest, ext4_
     g.assert_no_kernel_findings()
 
 
-@pytest.mark.debugkernel
 def test_reload_snapshot_after_clean_reboot(module_guest: Guest, ext4_volume: Volume) -> None:
     """A snapshot survives a clean reboot: reload-snapshot (5) before the mount, the read-write
     mount activates it (3) and /dev/datto0 is byte-identical to before the reboot, although the

@@ -21,7 +21,6 @@ def _setup_inc(g: Guest, vol: Volume) -> None:
     assert dbdctl(g, "transition-to-incremental 0").rc == 0
 
 
-@pytest.mark.debugkernel
 @SMALL
 def test_lazy_unmount_goes_dormant_when_the_last_file_closes(
     module_guest: Guest, ext4_volume: Volume

@@ -18,7 +18,6 @@ EMPTY_PROC = '{\n\t"version": "0.12.1",\n\t"devices": [\n\n\t]\n}\n'
 COW = "/mnt/vol/.datto"
 
 
-@pytest.mark.debugkernel
 def test_load_exposes_interfaces(module_guest: Guest) -> None:
     g = module_guest
     assert g.check("cat /sys/module/dattobd/version").stdout.strip() == "0.12.1"
@@ -87,7 +86,6 @@ def test_snapshot_shows_pre_setup_data(module_guest: Guest, ext4_volume: Volume)
     assert ctl(g, "info", 0) == errno.ENOENT
 
 
-@pytest.mark.debugkernel
 def test_cow_file_is_protected(module_guest: Guest, ext4_volume: Volume) -> None:
     g, vol = module_guest, ext4_volume
     _setup(g, vol)
@@ -176,7 +174,6 @@ def test_requires_cap_sys_admin(module_guest: Guest, ext4_volume: Volume) -> Non
     assert ctl(g, "info", 0) == errno.ENOENT
 
 
-@pytest.mark.debugkernel
 def test_proc_matches_info_in_each_state(module_guest: Guest, ext4_volume: Volume) -> None:
     g, vol = module_guest, ext4_volume
     _setup(g, vol, minor=2, extra="-f 40 -c 8388608")
@@ -199,7 +196,6 @@ def test_proc_matches_info_in_each_state(module_guest: Guest, ext4_volume: Volum
     assert g.check("cat /proc/datto-info").stdout == EMPTY_PROC
 
 
-@pytest.mark.debugkernel
 def test_cow_full_fails_with_efbig(module_guest: Guest, ext4_volume: Volume) -> None:
     g, vol = module_guest, ext4_volume
     # 512 MiB device: the index takes 1 MiB + 4 KiB, so a 2 MiB file holds under 256 data blocks.

@@ -37,7 +37,7 @@ EXT4_DISK, XFS_DISK, BACKUP_DISK = DiskSpec(192), DiskSpec(320), DiskSpec(512)
 EXT4_GUEST = pytest.mark.guest_config(disks=[EXT4_DISK, BACKUP_DISK])
 XFS_GUEST = pytest.mark.guest_config(disks=[XFS_DISK, BACKUP_DISK])
 FSTYPES = [
-    pytest.param("ext4", marks=[EXT4_GUEST, pytest.mark.debugkernel]),
+    pytest.param("ext4", marks=EXT4_GUEST),
     pytest.param("xfs", marks=[pytest.mark.deep, XFS_GUEST]),
 ]
 MKFS = {
@@ -250,8 +250,7 @@ def _error_table(sectors: int, holes: list[tuple[int, int]], under: str) -> str:
     return "\\n".join(lines)
 
 
-@pytest.mark.debugkernel
-@pytest.mark.parametrize("where", ["cow", "origin"])
+@pytest.mark.parametrize("where", [pytest.param("cow", marks=pytest.mark.debugkernel), "origin"])
 @pytest.mark.guest_config(disks=[DiskSpec(160)])
 def test_io_error_fails_the_tracer_and_the_origin_keeps_working(
     module_guest: Guest, oracles: Oracles, seed: int, where: str
@@ -349,7 +348,6 @@ def racing(module_guest: Guest) -> Iterator[Guest]:
     module_guest.run("pkill -f 'guestlib churn|fio|dd if=/dev/datto0' || true")
 
 
-@pytest.mark.debugkernel
 @pytest.mark.deep  # ~2 min per kernel; the dm-error and replay scenarios cover the I/O paths everywhere
 @pytest.mark.guest_config(disks=[DiskSpec(320)])
 def test_writers_readers_and_transitions_race(racing: Guest, oracles: Oracles, seed: int) -> None:

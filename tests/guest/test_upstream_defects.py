@@ -17,7 +17,6 @@ from harness.pytest_plugin import Volume
 MIB = 1024 * 1024
 
 
-@pytest.mark.debugkernel
 def test_1_expand_releases_the_table_lock(module_guest: Guest, ext4_volume: Volume) -> None:
     """Upstream leaks the device-table lock after a successful expand: every later ioctl hangs."""
     g, vol = module_guest, ext4_volume
@@ -67,7 +66,6 @@ def test_8_proc_escapes_paths(module_guest: Guest, ext4_volume: Volume) -> None:
     assert ctl(g, "destroy", 0) == 0
 
 
-@pytest.mark.debugkernel
 def test_destroy_works_in_the_failed_state(module_guest: Guest, ext4_volume: Volume) -> None:
     g, vol = module_guest, ext4_volume
     assert dbdctl(g, f"setup-snapshot -f 2 {vol.device} /mnt/vol/.datto 0").rc == 0
