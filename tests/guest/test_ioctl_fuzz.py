@@ -94,7 +94,6 @@ result = outcomes
 """
 
 
-@pytest.mark.debugkernel
 @pytest.mark.guest_config(disks=[DiskSpec(96)])
 def test_corrupt_cow_files_are_refused_at_reload(module_guest: Guest, oracles: Oracles, seed: int) -> None:
     """Seeded corruptions of a clean snapshot COW file (header fields, truncations, index entries
