@@ -36,7 +36,7 @@ def suite_targets(suite: str) -> list[Target]:
 def chroot_packages(suite: str) -> tuple[str, ...]:
     pkgs: list[str] = []
     for t in suite_targets(suite):
-        for p in (*t.build_packages, *t.headers_packages):
+        for p in (*t.build_packages, *t.headers_packages, *t.tool_packages):
             if p not in pkgs:
                 pkgs.append(p)
     return tuple(pkgs)

@@ -36,6 +36,9 @@ class Target:
     # A debug kernel (KASAN, lockdep, kmemleak): slow under TCG, so the guest suite runs only its
     # tests marked `debugkernel` on it, and every guest ends with a kmemleak scan.
     debug: bool = False
+    # Further packages of the suite's build chroot that module builds do not need (dkms, for
+    # tests/guest/test_dkms.py). Kept apart from build_packages, which `vmimages pin` rewrites.
+    tool_packages: tuple[str, ...] = ()
 
     @property
     def built_from_source(self) -> bool:
@@ -127,6 +130,7 @@ def parse(text: str) -> Matrix:
             source_package=t.get("source_package"),
             config_fragment=t.get("config_fragment"),
             debug=bool(t.get("debug", False)),
+            tool_packages=_strs(t, "tool_packages", where, []),
         )
         if target.built_from_source:
             if not target.config_fragment or target.kernel_packages or target.headers_packages:

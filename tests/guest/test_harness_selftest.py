@@ -121,7 +121,8 @@ def test_kmemleak_finds_a_leak_and_fails_the_test(
     leaks = ei.value.findings
     assert leaks and all(f.kind == "kmemleak" for f in leaks), leaks
     assert any("leakmod" in f.excerpt for f in leaks)
-    assert "leakmod" in (tmp_path / "leakmod" / "kmemleak.txt").read_text()
+    # the full report is kept with the artifacts (host files are copied under files/)
+    assert "leakmod" in (tmp_path / "leakmod" / "files" / "kmemleak.txt").read_text()
 
 
 def test_panic_is_a_failure_although_qemu_exits_0(guest: Guest, guest_image: Any) -> None:
