@@ -196,6 +196,54 @@ def test_incremental_chain_marks_every_changed_block(
     g.assert_no_kernel_findings()
 
 
+# -- scenario 2b: two tracked volumes at once ---------------------------------------------------------
+
+
+@pytest.mark.deep  # one incremental round on each of two minors; the chain above runs everywhere
+@pytest.mark.guest_config(disks=[EXT4_DISK, XFS_DISK, DiskSpec(768)])
+def test_two_tracked_volumes_keep_separate_change_lists(
+    request: pytest.FixtureRequest, module_guest: Guest, oracles: Oracles, seed: int
+) -> None:
+    """An ext4 volume on minor 0 and an XFS volume on minor 1, written at the same time: each
+    snapshot stays stable, each COW file marks every block changed on its own volume (oracle 3),
+    update-img brings each backup image to its next snapshot, and the two seqids and COW files
+    never mix."""
+    g, o = module_guest, oracles
+    vols = [("/dev/vdb", "ext4", "/mnt/a", 0), ("/dev/vdc", "xfs", "/mnt/b", 1)]
+    install_tools(g)
+    g.check("mkfs.ext4 -q -F -O ^orphan_file /dev/vdd && mkdir -p /backups && mount /dev/vdd /backups")
+    for dev, fs, mnt, minor in vols:
+        g.check(f"{MKFS[fs]} {dev} && mkdir -p {mnt} && mount {dev} {mnt}")
+        workloads.churn(o, f"{mnt}/base", seed + minor, f"/root/base{minor}.json")
+        _ok(g, f"setup-snapshot -f 64 {dev} {mnt}/.datto {minor}")
+    for _dev, _fs, _mnt, minor in vols:
+        g.check(f"dd if=/dev/datto{minor} of=/backups/img{minor} bs=1M status=none", timeout=600)
+        o.hash(f"/dev/datto{minor}", f"/root/h{minor}-0")
+        _ok(g, f"transition-to-incremental {minor}")
+
+    # the XFS volume is written in the background while the ext4 one churns in the foreground
+    workloads.background(g, "/mnt/b", seed + 50)
+    workloads.churn(o, "/mnt/a/base", seed + 60, "/root/base0-after.json")
+    workloads.stop_background(g)
+    g.check("sync")
+
+    for dev, _fs, mnt, minor in vols:
+        _ok(g, f"transition-to-snapshot -f 64 {mnt}/.datto.next {minor}")
+        state = info(g, minor)
+        assert (state.bdev, state.seqid, state.error) == (dev, 2, 0), f"minor {minor}: {state}"
+        assert state.cow == "/.datto.next", f"minor {minor} tracks another COW file: {state}"
+        o.hash(f"/dev/datto{minor}", f"/root/h{minor}-1")
+        details = o.change_list(f"/root/h{minor}-0", f"/root/h{minor}-1", f"{mnt}/.datto")
+        assert details["differing"] > 0, f"minor {minor}: no block changed, the workload missed it"
+        request.node.user_properties.append((f"minor{minor}_precision", round(details["precision"], 3)))
+        o.update_img(f"/dev/datto{minor}", f"{mnt}/.datto", f"/backups/img{minor}")
+    for _dev, _fs, mnt, minor in vols:
+        o.nothing_lost(f"{mnt}/base", f"/root/base{minor}{'-after' if minor == 0 else ''}.json")
+    for _dev, _fs, _mnt, minor in vols:
+        _ok(g, f"destroy {minor}")
+    g.assert_no_kernel_findings()
+
+
 # -- scenario 3: power cuts in the middle of a workload ------------------------------------------------
 
 
@@ -231,6 +279,97 @@ def test_power_cut_mid_workload_loses_nothing_fsynced(
             o.nothing_lost(f"{MNT}/keep{k}", f"/root/keep{k}.json")
         g.check(f"rm -rf {COW} {MNT}/bg", timeout=300)
         g.load_module()
+    g.assert_no_kernel_findings()
+
+
+# -- scenario 3b: power cuts during a transition and during update-img ------------------------------
+
+
+def _cut_during(g: Guest, rng: random.Random, tag: str, command: str, window: float) -> bool:
+    """Start `command` in the background and cut the power a seeded moment later (0 to `window`
+    seconds). Kernel log markers around the command tell, from the host's console log, whether the
+    cut landed while it ran; returns True when it did."""
+    log = g.console_log
+    g.check(
+        f"( echo dbd-phase-start-{tag} > /dev/kmsg; {command}; "
+        f"echo dbd-phase-done-{tag} rc=$? > /dev/kmsg ) >/dev/null 2>&1 </dev/null &"
+    )
+    g.run(f"sleep {rng.uniform(0.0, window):.2f}", timeout=60)
+    g.power_cut()
+    text = log.read_text(errors="replace")
+    assert f"dbd-phase-start-{tag}" in text, f"{tag}: the command never started before the cut"
+    return f"dbd-phase-done-{tag}" not in text
+
+
+def _after_cut(g: Guest, o: Oracles, dev: str, manifests: list[str]) -> None:
+    """Oracle 5 after a cut: the journal replays, fsck is clean, every fsynced file is intact, and
+    the COW files (dirty or not) are ordinary files that can be deleted."""
+    o.crash_point()
+    r = g.run(f"e2fsck -fy {dev}", timeout=300)
+    assert r.rc in (0, 1), f"e2fsck -fy after the power cut: rc {r.rc}: {r.stdout[-2000:]}"
+    o.fsck(dev, "ext4")
+    g.check(f"mount {dev} {MNT}")
+    for k, manifest in enumerate(manifests):
+        o.nothing_lost(f"{MNT}/keep{k}", manifest)
+    g.check(f"rm -rf {MNT}/.datto* {MNT}/bg", timeout=300)
+    g.load_module()
+
+
+@pytest.mark.deep  # the plain power-cut scenario runs everywhere; these paths are not kernel-specific
+@pytest.mark.guest_config(disks=[DiskSpec(320), DiskSpec(512)])
+def test_power_cut_during_transitions_and_update_img(
+    request: pytest.FixtureRequest, module_guest: Guest, oracles: Oracles, seed: int
+) -> None:
+    """Oracle 5 at three crash points that land inside an operation: transition-to-incremental and
+    transition-to-snapshot under a write load (the filesystem is being frozen and the COW files
+    switched), and update-img applying a period to a backup image. After each: the origin checks
+    clean and holds every fsynced file, the COW files are deletable, the module loads again, and the
+    backup disk's filesystem (written by update-img) checks clean."""
+    g, o, dev = module_guest, oracles, "/dev/vdb"
+    rng = random.Random(seed)
+    _prepare(g, dev, "ext4")
+    g.check("mkfs.ext4 -q -F -O ^orphan_file /dev/vdc && mkdir -p /backups")
+    manifests: list[str] = []
+    landed = 0
+
+    def keep(k: int) -> None:
+        manifests.append(f"/root/keep{k}.json")
+        workloads.churn(o, f"{MNT}/keep{k}", seed + k, manifests[-1])
+        g.check("sync")  # the manifest on the root disk must survive the cut too
+
+    # 1: transition-to-incremental while writers run
+    keep(0)
+    _ok(g, f"setup-snapshot -f 96 {dev} {COW} 0")
+    workloads.background(g, MNT, seed + 100)
+    g.run("sleep 1", timeout=30)
+    landed += _cut_during(g, rng, "t2i", "dbdctl transition-to-incremental 0", 1.5)
+    _after_cut(g, o, dev, manifests)
+
+    # 2: transition-to-snapshot while writers run
+    keep(1)
+    _ok(g, f"setup-snapshot -f 96 {dev} {COW} 0")
+    _ok(g, "transition-to-incremental 0")
+    workloads.background(g, MNT, seed + 200)
+    g.run("sleep 1", timeout=30)
+    landed += _cut_during(g, rng, "t2s", f"dbdctl transition-to-snapshot -f 96 {MNT}/.datto1 0", 1.5)
+    _after_cut(g, o, dev, manifests)
+
+    # 3: update-img applying an incremental period to the backup image
+    keep(2)
+    g.check("mount /dev/vdc /backups")
+    _ok(g, f"setup-snapshot -f 96 {dev} {COW} 0")
+    g.check("dd if=/dev/datto0 of=/backups/img bs=1M status=none && sync", timeout=600)
+    _ok(g, "transition-to-incremental 0")
+    workloads.churn(o, f"{MNT}/period", seed + 300, "/root/period.json")
+    _ok(g, f"transition-to-snapshot -f 96 {MNT}/.datto1 0")
+    landed += _cut_during(g, rng, "upd", f"update-img /dev/datto0 {COW} /backups/img", 4.0)
+    _after_cut(g, o, dev, manifests)
+    r = g.run("e2fsck -fy /dev/vdc", timeout=300)
+    assert r.rc in (0, 1), f"e2fsck -fy of the backup disk: rc {r.rc}: {r.stdout[-2000:]}"
+    o.fsck("/dev/vdc", "ext4")
+
+    request.node.user_properties.append(("cuts_inside_the_operation", landed))
+    print(f"power cuts that landed inside the operation: {landed} of 3")
     g.assert_no_kernel_findings()
 
 

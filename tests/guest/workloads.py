@@ -79,4 +79,14 @@ def background(g: Guest, root: str, seed: int, sizes: Sizes = SMALL) -> None:
         "--unsynced-ops 50; "
         f"{fio_command(f'{root}/bg', seed, sizes.fio_mib)}; done"
     )
-    g.check(f"( {loop} ) >/dev/null 2>&1 </dev/null &")
+    g.check(f"( {loop} ) >/dev/null 2>&1 </dev/null & echo $! >> /tmp/bg.pids")
+
+
+def stop_background(g: Guest) -> None:
+    """Stop every background load: the loops first (else they start the next round), then their
+    current churn and fio, and wait until none is left."""
+    g.check(
+        "kill $(cat /tmp/bg.pids) 2>/dev/null; rm -f /tmp/bg.pids; pkill -f 'guestlib churn|fio'; "
+        "while pgrep -f 'guestlib churn|fio' >/dev/null; do sleep 0.2; done",
+        timeout=120,
+    )
