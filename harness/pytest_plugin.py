@@ -13,6 +13,10 @@ covers on every kernel) run only on the `--deep-on` kernels. The default, `auto`
 target when `--kernel all` (what CI runs) and every chosen kernel otherwise, so naming one kernel
 runs everything on it. The other kernels' deep instances are deselected, and the header says so.
 
+Long runs: tests marked `long` (volumes of gigabytes, minutes-long races and soaks: many minutes
+each under TCG) run only with `--long` (or DBD_LONG=1): the nightly workflow and campaigns, not the
+per-change CI. Without it they are deselected and the header says how many.
+
 Debug kernels (`debug = true` in vmimages/matrix.toml: KASAN, lockdep, kmemleak; several times
 slower under TCG) run only the tests marked `debugkernel`, deep or not; the rest is deselected
 there. Every guest on a debug kernel ends with a kmemleak scan, and a leak fails the test.
@@ -77,6 +81,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="kernels that also run the tests marked deep: 'auto' (the default target with --kernel all, "
         "else every chosen kernel), 'all', or a comma list",
     )
+    group.addoption(
+        "--long",
+        action="store_true",
+        default=os.environ.get("DBD_LONG") == "1",
+        help="also run the tests marked long (gigabyte volumes, minutes-long races; nightly)",
+    )
 
 
 _CONFIG: dict[str, pytest.Config] = {}
@@ -92,6 +102,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "debugkernel: also runs on the debug kernels (the only tests that run there)"
     )
     config.addinivalue_line("markers", "debugonly: runs only on the debug kernels")
+    config.addinivalue_line("markers", "long: many minutes under TCG; runs only with --long (nightly)")
 
 
 def selected_kernels(config: pytest.Config) -> list[str]:
@@ -122,11 +133,16 @@ def pytest_report_header(config: pytest.Config) -> str:
     subset = [k for k in chosen if k not in deep and k not in debug]
     line = f"guest kernels: all tests on {', '.join(deep) or 'none'}"
     line += f"; without the deep ones on {', '.join(subset)}" if subset else ""
-    return line + (f"; only the debugkernel ones on {', '.join(debug)}" if debug else "")
+    line += f"; only the debugkernel ones on {', '.join(debug)}" if debug else ""
+    return line + (
+        "; long ones included" if config.getoption("--long") else "; long ones deselected (--long)"
+    )
 
 
-def _runs_on(item: pytest.Item, deep: set[str]) -> bool:
+def _runs_on(item: pytest.Item, deep: set[str], long: bool = False) -> bool:
     """Whether this instance runs at this matrix depth (see the module docstring)."""
+    if item.get_closest_marker("long") and not long:
+        return False
     target = _target_of(item)
     if target is not None and images.is_debug_target(target):
         return any(item.get_closest_marker(m) for m in ("debugkernel", "debugonly"))
@@ -143,7 +159,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     deep = set(deep_kernels(config))
-    shallow = [item for item in items if not _runs_on(item, deep)]
+    long = bool(config.getoption("--long"))
+    shallow = [item for item in items if not _runs_on(item, deep, long)]
     if shallow:
         config.hook.pytest_deselected(items=shallow)
         dropped = {id(item) for item in shallow}

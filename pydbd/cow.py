@@ -120,11 +120,15 @@ class Geometry:
 
 
 def geometry(device_sectors: int) -> Geometry:
-    """Geometry of a device of ``device_sectors`` 512-byte sectors."""
+    """Geometry of a device of ``device_sectors`` 512-byte sectors.
+
+    The index has at least one section, as in the module: a device under 4 KiB (no whole block)
+    still gets one section, whose entry 0 belongs to its partial block."""
     if device_sectors < 0:
         raise ValueError(f"negative device size: {device_sectors}")
     nblocks = device_sectors // SECTORS_PER_BLOCK
-    return Geometry(nblocks=nblocks, nsect=_ceil_div(nblocks, ENTRIES_PER_SECTION), sectors=device_sectors)
+    nsect = max(1, _ceil_div(nblocks, ENTRIES_PER_SECTION))
+    return Geometry(nblocks=nblocks, nsect=nsect, sectors=device_sectors)
 
 
 def geometry_for_sections(nsect: int) -> Geometry:

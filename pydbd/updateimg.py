@@ -1,6 +1,7 @@
 """update-img: apply the blocks changed during an incremental period to an image of the previous snapshot.
 
 Usage: ``update-img [--dry-run] [--verify] [--progress|--no-progress] <snapshot> <cow file> <image file>``
+(``update-img --help`` prints it on stdout and exits 0).
 
 The COW file is the *old* (now index-only) file released by transition-to-snapshot; the snapshot
 device is the new snapshot of the same series. Every block whose index entry is non-zero is copied
@@ -19,6 +20,8 @@ Differences from upstream
 * When the snapshot size is not a multiple of 4096, the final partial block is copied (short) instead of
   failing on the short read.
 * A COW index shorter than the snapshot needs is rejected (exit 22) before anything is written.
+* ``--help`` prints the usage line on stdout and exits 0 (upstream: usage on stderr, exit 22), and
+  the usage line lists the options.
 * A progress line (blocks done / total, MB/s) is drawn on stderr when stderr is a TTY
   (``--progress`` / ``--no-progress`` force it on or off).
 * ``--dry-run`` lists the runs of blocks that would be copied and writes nothing (the image is opened
@@ -48,7 +51,10 @@ MAX_IO = 4 * 1024 * 1024
 MAX_RUN_BLOCKS = MAX_IO // BLOCK_SIZE
 # How far ahead of the copy reads are queued (page cache, not process memory).
 PREFETCH_BYTES = 32 * 1024 * 1024
-USAGE = "Usage: {prog} <snapshot device> <cow file> <image file>"
+USAGE = (
+    "Usage: {prog} [--dry-run] [--verify] [--progress|--no-progress] "
+    "<snapshot device> <cow file> <image file>"
+)
 OPTIONS = {"--dry-run", "--verify", "--progress", "--no-progress"}
 _SNAPSHOT_NAME = re.compile(r"/dev/datto(\d+)")
 
@@ -109,6 +115,11 @@ class Arguments:
     progress: bool | None = None
 
 
+def wants_help(args: list[str]) -> bool:
+    """``--help`` given as an option (before any ``--``)."""
+    return "--help" in (args[: args.index("--")] if "--" in args else args)
+
+
 def parse_args(args: list[str]) -> Arguments | None:
     """Split options from the three positionals; None means a usage error."""
     flags: set[str] = set()
@@ -137,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     # Like upstream, the usage line names argv[0]; run as `python -m pydbd.updateimg` that would be
     # this file's path, so the installed command's name is shown instead.
     prog = sys.argv[0] if argv is None and not sys.argv[0].endswith(".py") else "update-img"
-    parsed = parse_args(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    if wants_help(args):
+        print(USAGE.format(prog=prog))
+        return 0
+    parsed = parse_args(args)
     if parsed is None:
         print(USAGE.format(prog=prog), file=sys.stderr)
         return errno.EINVAL

@@ -15,7 +15,9 @@ Tests marked `deep` run on the default kernel only in CI (see harness.pytest_plu
 from __future__ import annotations
 
 import errno
+import os
 import random
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -244,20 +246,105 @@ def test_two_tracked_volumes_keep_separate_change_lists(
     g.assert_no_kernel_findings()
 
 
+# -- scenario 2c: gigabyte volumes (long) ---------------------------------------------------------------
+
+
+@pytest.mark.long
+@pytest.mark.deep
+@pytest.mark.parametrize(
+    "fs",
+    [
+        pytest.param(
+            "ext4", marks=pytest.mark.guest_config(disks=[DiskSpec(2048), DiskSpec(2560)], memory_mib=1536)
+        ),
+        pytest.param(
+            "xfs", marks=pytest.mark.guest_config(disks=[DiskSpec(2048), DiskSpec(2560)], memory_mib=1536)
+        ),
+    ],
+)
+def test_two_gib_volume_snapshot_and_incremental_round(
+    request: pytest.FixtureRequest, module_guest: Guest, oracles: Oracles, seed: int, fs: str
+) -> None:
+    """Oracles 1-4 on a 2 GiB volume with a workload forty times the small one: the snapshot is
+    stable and point-in-time under the workload, the COW file matches it byte for byte after
+    dormancy, and one incremental round marks every changed block and updates a full image."""
+    g, o, dev = module_guest, oracles, "/dev/vdb"
+    big = workloads.LARGE
+    _prepare(g, dev, fs)
+    g.check("mkfs.ext4 -q -F -O ^orphan_file /dev/vdc && mkdir -p /backups && mount /dev/vdc /backups")
+    workloads.churn(o, f"{MNT}/pre", seed, "/root/pre.json", big)
+    _ok(g, f"setup-snapshot -f 600 {dev} {COW} 0")
+    first = info(g, 0)
+    g.check("dd if=/dev/datto0 of=/backups/img bs=1M status=none", timeout=1800)
+    o.hash("/dev/datto0", "/root/h0")
+    workloads.mixed(o, MNT, seed + 1, big, tag="a")
+    drop_caches(g)
+    o.hash("/dev/datto0", "/root/h0b")
+    o.stability("/root/h0", "/root/h0b")
+    _fsck_snapshot(g, o, fs)
+    g.check(f"mount -o {SNAP_MOUNT[fs]} /dev/datto0 {SNAP}")
+    try:
+        o.point_in_time(f"{SNAP}/pre", "/root/pre.json")
+    finally:
+        g.check(f"umount {SNAP}")
+
+    _ok(g, "transition-to-incremental 0")
+    workloads.mixed(o, MNT, seed + 2, big, tag="b")
+    workloads.churn(o, f"{MNT}/pre", seed + 3, "/root/pre-after.json", big)
+    _ok(g, f"transition-to-snapshot -f 600 {MNT}/.datto1 0")
+    o.hash("/dev/datto0", "/root/h1")
+    details = o.change_list("/root/h0", "/root/h1", COW)
+    request.node.user_properties.append(("precision", round(details["precision"], 3)))
+    o.update_img("/dev/datto0", COW, "/backups/img")
+    g.check(f"rm -f {COW}")
+    second = info(g, 0)
+    assert (second.seqid, second.uuid) == (first.seqid + 1, first.uuid), f"{first} -> {second}"
+    g.check(f"umount {MNT}")
+    opts = "ro,nouuid,norecovery" if fs == "xfs" else "ro"
+    g.check(f"mkdir -p /mnt/ro && mount -o {opts} {dev} /mnt/ro")
+    try:
+        o.cow_structure(
+            "/mnt/ro/.datto1", "/dev/datto0", "--sectors", device_sectors(g, dev),
+            "--uuid", second.uuid, "--seqid", second.seqid,
+        )  # fmt: skip
+    finally:
+        g.check("umount /mnt/ro")
+    _ok(g, "destroy 0")
+    g.assert_no_kernel_findings()
+
+
 # -- scenario 3: power cuts in the middle of a workload ------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["snapshot", pytest.param("incremental", marks=pytest.mark.deep)])
+def _replay_and_fsck(g: Guest, o: Oracles, dev: str, fs: str) -> None:
+    """After a power cut: replay the journal (e2fsck -fy; exit 1 means it fixed something, fine) or
+    the XFS log (a mount), then the read-only check must find the filesystem clean."""
+    if fs == "xfs":
+        g.check(f"mkdir -p /mnt/replay && mount {dev} /mnt/replay && umount /mnt/replay", timeout=300)
+    else:
+        r = g.run(f"e2fsck -fy {dev}", timeout=300)
+        assert r.rc in (0, 1), f"e2fsck -fy {dev} after the power cut: rc {r.rc}: {r.stdout[-2000:]}"
+    o.fsck(dev, fs)
+
+
+@pytest.mark.parametrize(
+    "mode,fs",
+    [
+        ("snapshot", "ext4"),
+        pytest.param("incremental", "ext4", marks=pytest.mark.deep),
+        pytest.param("snapshot", "xfs", marks=[pytest.mark.deep, pytest.mark.long]),
+    ],
+)
 @pytest.mark.guest_config(disks=[DiskSpec(320)])
 def test_power_cut_mid_workload_loses_nothing_fsynced(
-    module_guest: Guest, oracles: Oracles, seed: int, mode: str
+    module_guest: Guest, oracles: Oracles, seed: int, mode: str, fs: str
 ) -> None:
     """Oracle 5 at two crash points per run: cut the power at a seeded moment while a tracked volume is
     being written; after the reboot the origin checks clean, every fsynced file is intact, and the
     (dirty) COW file is an ordinary deletable file."""
     g, o, dev = module_guest, oracles, "/dev/vdb"
     rng = random.Random(seed)
-    _prepare(g, dev, "ext4")
+    _prepare(g, dev, fs)
     for cut in range(2):
         workloads.churn(o, f"{MNT}/keep{cut}", seed + cut, f"/root/keep{cut}.json")
         g.check("sync")  # the manifest on the root disk must survive the cut too
@@ -270,10 +357,7 @@ def test_power_cut_mid_workload_loses_nothing_fsynced(
         assert state.error == 0, f"tracer failed before the power cut: {state}"
         g.power_cut()
         o.crash_point()
-
-        r = g.run(f"e2fsck -fy {dev}", timeout=300)  # replays the journal; exit 1 = fixed, fine
-        assert r.rc in (0, 1), f"e2fsck -fy after the power cut: rc {r.rc}: {r.stdout[-2000:]}"
-        o.fsck(dev, "ext4")
+        _replay_and_fsck(g, o, dev, fs)
         g.check(f"mount {dev} {MNT}")
         for k in range(cut + 1):
             o.nothing_lost(f"{MNT}/keep{k}", f"/root/keep{k}.json")
@@ -305,9 +389,7 @@ def _after_cut(g: Guest, o: Oracles, dev: str, manifests: list[str]) -> None:
     """Oracle 5 after a cut: the journal replays, fsck is clean, every fsynced file is intact, and
     the COW files (dirty or not) are ordinary files that can be deleted."""
     o.crash_point()
-    r = g.run(f"e2fsck -fy {dev}", timeout=300)
-    assert r.rc in (0, 1), f"e2fsck -fy after the power cut: rc {r.rc}: {r.stdout[-2000:]}"
-    o.fsck(dev, "ext4")
+    _replay_and_fsck(g, o, dev, "ext4")
     g.check(f"mount {dev} {MNT}")
     for k, manifest in enumerate(manifests):
         o.nothing_lost(f"{MNT}/keep{k}", manifest)
@@ -364,9 +446,7 @@ def test_power_cut_during_transitions_and_update_img(
     _ok(g, f"transition-to-snapshot -f 96 {MNT}/.datto1 0")
     landed += _cut_during(g, rng, "upd", f"update-img /dev/datto0 {COW} /backups/img", 4.0)
     _after_cut(g, o, dev, manifests)
-    r = g.run("e2fsck -fy /dev/vdc", timeout=300)
-    assert r.rc in (0, 1), f"e2fsck -fy of the backup disk: rc {r.rc}: {r.stdout[-2000:]}"
-    o.fsck("/dev/vdc", "ext4")
+    _replay_and_fsck(g, o, "/dev/vdc", "ext4")
 
     request.node.user_properties.append(("cuts_inside_the_operation", landed))
     print(f"power cuts that landed inside the operation: {landed} of 3")
@@ -487,17 +567,30 @@ def racing(module_guest: Guest) -> Iterator[Guest]:
     module_guest.run("pkill -f 'guestlib churn|fio|dd if=/dev/datto0' || true")
 
 
+RACE_MINUTES = float(os.environ.get("DBD_RACE_MINUTES", "10"))
+
+
 @pytest.mark.deep  # ~2 min per kernel; the dm-error and replay scenarios cover the I/O paths everywhere
 @pytest.mark.guest_config(disks=[DiskSpec(320)])
-def test_writers_readers_and_transitions_race(racing: Guest, oracles: Oracles, seed: int) -> None:
+@pytest.mark.parametrize(
+    "minutes",
+    [pytest.param(0, id="4rounds"), pytest.param(RACE_MINUTES, marks=pytest.mark.long, id="minutes")],
+)
+def test_writers_readers_and_transitions_race(
+    racing: Guest, oracles: Oracles, seed: int, minutes: float
+) -> None:
     """Background writers and /dev/datto0 readers while the host cycles transition-to-incremental and
-    transition-to-snapshot: every ioctl succeeds, nothing hangs, and the last snapshot checks clean."""
+    transition-to-snapshot: every ioctl succeeds, nothing hangs, and the last snapshot checks clean.
+    Four rounds in CI; with --long, rounds for DBD_RACE_MINUTES (default 10)."""
     g, o, dev = racing, oracles, "/dev/vdb"
     _prepare(g, dev, "ext4")
     _ok(g, f"setup-snapshot -f 96 {dev} {COW} 0")
     workloads.background(g, MNT, seed)
     cow = COW
-    for i in range(1, 5):
+    deadline = time.monotonic() + minutes * 60
+    i = 0
+    while i < 4 or time.monotonic() < deadline:
+        i += 1
         # Readers only while in snapshot mode: transition-to-incremental refuses an open /dev/datto0.
         g.check(
             "( while :; do dd if=/dev/datto0 of=/dev/null bs=64k count=64 skip=$((RANDOM % 3000)) "
@@ -515,6 +608,8 @@ def test_writers_readers_and_transitions_race(racing: Guest, oracles: Oracles, s
         _ok(g, f"transition-to-snapshot -f 96 {MNT}/.datto{i} 0")
         g.check(f"rm -f {cow}")  # the incremental period's file, released by the transition
         cow = f"{MNT}/.datto{i}"
+        # the background load keeps creating trees: keep the newest two so the volume never fills
+        g.check(f"ls -dt {MNT}/bg/c* 2>/dev/null | tail -n +3 | xargs -r rm -rf", timeout=300)
         assert info(g, 0).error == 0, f"tracer failed in round {i}: {info(g, 0)}"
     g.check("pkill -f 'guestlib churn|fio'; sleep 1; sync")
     o.fsck("/dev/datto0", "ext4")

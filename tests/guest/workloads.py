@@ -29,6 +29,10 @@ class Sizes:
 
 
 SMALL = Sizes()
+# For gigabyte volumes (the long scenarios): about 40x the small round's writes.
+LARGE = Sizes(
+    churn_ops=600, churn_bytes=160 << 20, signed_ops=1200, signed_files=8, signed_blocks=4096, fio_mib=96
+)
 
 
 def fio_command(directory: str, seed: int, mib: int) -> str:

@@ -76,6 +76,17 @@ def test_geometry_rounding(sectors: int, nblocks: int, nsect: int) -> None:
     assert g.data_offset == 4096 + nsect * 32768
 
 
+@pytest.mark.parametrize("sectors", [0, 1, 7])
+def test_geometry_of_a_device_under_4_kib_has_one_section(sectors: int) -> None:
+    # The module never makes an index of 0 sections (cow_alloc rounds up to 1): the partial block of
+    # a device smaller than one 4 KiB block still owns entry 0.
+    g = geometry(sectors)
+    assert (g.nblocks, g.nsect) == (0, 1)
+    assert g.data_offset == 4096 + 32768 and g.first_data_block == 9
+    assert g.entries_in_use == (1 if sectors else 0)
+    assert g.has_partial_block == bool(sectors)
+
+
 def test_partial_block_flag() -> None:
     assert geometry(SMALL + 3).has_partial_block
     assert not geometry(SMALL).has_partial_block

@@ -65,6 +65,11 @@ def test_debug_too(target):
 @pytest.mark.debugonly
 def test_debug_only(target):
     pass
+
+@pytest.mark.long
+@pytest.mark.deep
+def test_long(target):
+    pass
 """
 
 
@@ -89,10 +94,13 @@ def test_deep_tests_run_on_the_default_kernel_only_with_kernel_all(
     everywhere = {f"test_everywhere[{k}]" for k in plain}
     everywhere |= {f"test_debug_too[{k}]" for k in images.all_targets()}
     on_debug = {f"test_debug_only[{k}]" for k in debug}
+    monkeypatch.delenv("DBD_LONG", raising=False)
     ids, out = _collected(pytester, "--kernel", "all")
     assert ids == everywhere | on_debug | {f"test_deep[{images.default_target()}]"}
-    # deselected: deep on the other plain kernels, everything unmarked on debug, debugonly on plain
-    assert f"({(len(plain) - 1) + 2 * len(debug) + len(plain)} deselected)" in out
+    # deselected: deep on the other plain kernels, everything unmarked on debug, debugonly on plain,
+    # and the long test everywhere
+    every = len(plain) + len(debug)
+    assert f"({(len(plain) - 1) + 2 * len(debug) + len(plain) + every} deselected)" in out
     ids, _ = _collected(pytester, "--kernel", "all", "--deep-on", "all")
     assert ids == everywhere | on_debug | {f"test_deep[{k}]" for k in plain}
 
@@ -108,6 +116,21 @@ def test_naming_kernels_runs_deep_tests_on_them(
     assert "test_deep[debian-5.10]" not in ids and "test_deep[debian-7.2]" in ids
     header = pytester.runpytest(*args, "--collect-only").stdout.str()
     assert "all tests on debian-7.2; without the deep ones on debian-5.10" in header
+    assert "long ones deselected (--long)" in header
+
+
+def test_long_tests_run_only_with_the_long_option(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DBD_DEEP_ON", raising=False)
+    monkeypatch.delenv("DBD_LONG", raising=False)
+    ids, _ = _collected(pytester, "--kernel", "debian-6.1")
+    assert "test_long[debian-6.1]" not in ids and "test_deep[debian-6.1]" in ids
+    ids, _ = _collected(pytester, "--kernel", "debian-6.1,debian-6.12", "--deep-on", "debian-6.1", "--long")
+    assert "test_long[debian-6.1]" in ids and "test_long[debian-6.12]" not in ids  # still deep
+    monkeypatch.setenv("DBD_LONG", "1")
+    ids, _ = _collected(pytester, "--kernel", "debian-6.1")
+    assert "test_long[debian-6.1]" in ids
 
 
 SCENARIO_TESTS = """

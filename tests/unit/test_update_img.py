@@ -237,22 +237,42 @@ def test_snapshot_that_is_not_a_datto_device_exits_22(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- main() and argument handling
 
+USAGE_ARGS = "[--dry-run] [--verify] [--progress|--no-progress] <snapshot device> <cow file> <image file>"
+
 
 @pytest.mark.parametrize("argv", [[], ["a"], ["a", "b"], ["a", "b", "c", "d"], ["--bogus", "a", "b", "c"]])
 def test_wrong_arguments_print_usage_and_exit_22(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert updateimg.main(argv) == errno.EINVAL
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == "Usage: update-img <snapshot device> <cow file> <image file>\n"
+    assert captured.err == f"Usage: update-img {USAGE_ARGS}\n"
 
 
 def test_usage_names_argv0(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(sys, "argv", ["/usr/bin/update-img", "only-one"])
     assert updateimg.main() == errno.EINVAL
-    assert capsys.readouterr().err == "Usage: /usr/bin/update-img <snapshot device> <cow file> <image file>\n"
+    assert capsys.readouterr().err == f"Usage: /usr/bin/update-img {USAGE_ARGS}\n"
     monkeypatch.setattr(sys, "argv", ["/src/pydbd/updateimg.py", "only-one"])  # python -m pydbd.updateimg
     assert updateimg.main() == errno.EINVAL
-    assert capsys.readouterr().err == "Usage: update-img <snapshot device> <cow file> <image file>\n"
+    assert capsys.readouterr().err == f"Usage: update-img {USAGE_ARGS}\n"
+
+
+def test_usage_line_lists_every_option() -> None:
+    for opt in updateimg.OPTIONS:
+        assert opt in updateimg.USAGE
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--dry-run", "--help"], ["--help", "a", "b", "c"]])
+def test_help_prints_usage_on_stdout_and_exits_0(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert updateimg.main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"Usage: update-img {USAGE_ARGS}\n"
+    assert captured.err == ""
+
+
+def test_help_after_double_dash_is_a_file_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert updateimg.main(["--", "--help"]) == errno.EINVAL
+    assert capsys.readouterr().err.startswith("Usage: update-img [--dry-run]")
 
 
 def test_main_uses_default_lookups(

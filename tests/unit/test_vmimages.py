@@ -61,6 +61,24 @@ def test_matrix_parse_minimal() -> None:
     assert m.rootfs["x"].packages == ("python3", "fio")
     src = m.suites["x"].sources_list()
     assert "debian-security x-security main" in src and "/debian x main" in src
+    assert m.targets["a"].tool_packages == ()
+    assert matrix.parse(MINI + 'tool_packages = ["dkms"]\n').targets["a"].tool_packages == ("dkms",)
+
+
+def test_tool_packages_go_into_the_chroot_and_survive_pin() -> None:
+    # dkms for tests/guest/test_dkms.py, in the bookworm chroot only: the trixie chroot (and with it
+    # the debug kernel's cache key) does not change.
+    from vmimages.chroot import chroot_packages
+
+    t = matrix.targets()["debian-6.1"]
+    assert "dkms" in t.tool_packages and "dkms" in chroot_packages("bookworm")
+    assert not any(x.tool_packages for x in matrix.targets().values() if x.suite == "trixie")
+    text = matrix.MATRIX_FILE.read_text()
+    pins = pin.Pins(t.kernel_release, t.kernel_packages, t.headers_packages, ("make", "gcc-99"))
+    assert (
+        matrix.parse(pin.apply(text, "debian-6.1", pins)).targets["debian-6.1"].tool_packages
+        == t.tool_packages
+    )
 
 
 @pytest.mark.parametrize(
