@@ -209,7 +209,7 @@ bool cow_meta_block(struct cow_store *c, u64 i, u64 *b)
 	if (e)
 		*b = (e->dsect + (i * COW_BLOCK_SECTS - e->fsect)) / COW_BLOCK_SECTS;
 	mutex_unlock(&c->ext_mutex);
-	return e && *b < c->nblocks;
+	return e && *b < c->ntrack;
 }
 
 /* Is device sector @s part of the COW file area as the snapshot sees it? */
@@ -238,7 +238,7 @@ u64 cow_entry_get(struct cow_store *c, u64 b)
 {
 	u64 *s;
 
-	if (b >= c->nblocks)
+	if (b >= c->ntrack)
 		return 0;
 	/* pairs with the release in cow_entry_set(): a section seen here is fully zeroed */
 	s = smp_load_acquire(&c->sections[b / COW_SECT_ENTRIES]);
@@ -249,7 +249,7 @@ int cow_entry_set(struct cow_store *c, u64 b, u64 v)
 {
 	u64 *s;
 
-	if (b >= c->nblocks)
+	if (b >= c->ntrack)
 		return -ERANGE;
 	s = c->sections[b / COW_SECT_ENTRIES];
 	if (!s) {
@@ -452,6 +452,22 @@ static int cow_path_in_fs(struct file *f, char **out)
 }
 
 /* geometry and in-memory index for a device of @nr_sects sectors */
+/*
+ * Blocks we track on a device of @nr_sects: every whole 4 KiB block, plus a
+ * partial last block (a partition whose size is not a multiple of 4 KiB) as
+ * entry nblocks whenever the index has room for it, which it has unless
+ * nblocks is a multiple of the 4096 entries of a section (the index size is
+ * fixed by the format: ceil(nblocks / 4096) sections).  Upstream also uses
+ * entry nblocks for that block (spec 4.5 rule 5).
+ */
+u64 cow_tracked_blocks(sector_t nr_sects)
+{
+	u64 whole = nr_sects / COW_BLOCK_SECTS;
+	u64 room = max_t(u64, DIV_ROUND_UP(whole, COW_SECT_ENTRIES), 1) * COW_SECT_ENTRIES;
+
+	return whole + ((nr_sects % COW_BLOCK_SECTS) && whole < room ? 1 : 0);
+}
+
 static struct cow_store *cow_alloc(struct block_device *bdev, sector_t nr_sects)
 {
 	struct cow_store *c = kzalloc(sizeof(*c), GFP_KERNEL);
@@ -461,6 +477,7 @@ static struct cow_store *cow_alloc(struct block_device *bdev, sector_t nr_sects)
 	mutex_init(&c->ext_mutex);
 	c->bdev = bdev;
 	c->nblocks = nr_sects / COW_BLOCK_SECTS;
+	c->ntrack = cow_tracked_blocks(nr_sects);
 	c->nsect = DIV_ROUND_UP(c->nblocks, COW_SECT_ENTRIES);
 	if (!c->nsect)
 		c->nsect = 1;
@@ -614,7 +631,7 @@ static int cow_check_section(struct cow_store *c, u64 s, const u64 *ent, unsigne
 {
 	u64 i, first = s * COW_SECT_ENTRIES;
 
-	for (i = 0; i < COW_SECT_ENTRIES && first + i < c->nblocks; i++) {
+	for (i = 0; i < COW_SECT_ENTRIES && first + i < c->ntrack; i++) {
 		u64 v = le64_to_cpu(ent[i]);
 
 		if (!v || (!snap && v == 1))
@@ -689,8 +706,13 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 	c->version = h->version;
 	atomic64_set(&c->nr_changed, h->nr_changed_blocks);
 	c->flags = h->flags & ~COW_CLEAN;
-	/* fpos only means something while there is a data area (snapshot mode) */
-	if (size < c->data_offset || (size & (COW_BLOCK - 1)) || c->fsize < c->data_offset ||
+	/*
+	 * fpos only means something while there is a data area (snapshot
+	 * mode).  The length need not be a multiple of 4 KiB: upstream makes
+	 * its files exactly fsize long (10 % of a device, in bytes).  Slots
+	 * end at or below fsize, so only the whole 4 KiB blocks are ours.
+	 */
+	if (size < c->data_offset || c->fsize < c->data_offset ||
 	    c->fsize > size ||
 	    (snap && (c->fpos < c->first_data_block || c->fpos > c->fsize / COW_BLOCK))) {
 		err = -EINVAL;
@@ -698,8 +720,8 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 			  (long long)size, c->fsize, c->fpos, c->data_offset);
 		goto fail;
 	}
-	c->alloc_len = size;
-	c->init_len = size;
+	c->alloc_len = round_down(size, COW_BLOCK);
+	c->init_len = c->alloc_len;
 	c->falloc_mib = c->fsize >> 20;
 	/* the file as it looked when the snapshot was taken (initial header, zeros) */
 	{
@@ -765,7 +787,7 @@ int cow_same_layout(struct cow_store *c, struct file *f)
 	struct cow_store *t;
 	int err;
 
-	if (i_size_read(file_inode(f)) != c->alloc_len)
+	if (round_down(i_size_read(file_inode(f)), COW_BLOCK) != c->alloc_len)
 		return -EINVAL;
 	t = cow_alloc(c->bdev, 0);
 	if (!t)
@@ -794,7 +816,7 @@ int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tr
 	int err = 0;
 
 	if (changed) {
-		for_each_set_bit(b, changed, c->nblocks) {
+		for_each_set_bit(b, changed, c->ntrack) {
 			if (!cow_entry_get(c, b)) {
 				err = cow_entry_set(c, b, 1);
 				if (err)

@@ -61,6 +61,7 @@ struct cow_store {
 	struct dbd_pin *pin;		/* holds the inode while mounted read-write */
 	struct block_device *bdev;
 	u64 nblocks, nsect, data_offset, first_data_block;
+	u64 ntrack;		/* index entries in use: nblocks, +1 for a partial tail block */
 	u64 fpos, fsize, alloc_len;
 	u64 init_len;		/* alloc_len at creation; beyond it: expanded */
 	u64 seqid, version;
@@ -104,7 +105,7 @@ struct dbd_tracer {
 	struct dbd_bdev bh;
 	struct block_device *bdev;
 	sector_t nr_sects;
-	u64 nblocks;
+	u64 nblocks;		/* tracked blocks: cow_tracked_blocks() */
 
 	struct cow_store *cow;
 	unsigned long *changed;		/* incremental changed-block bitmap */
@@ -239,6 +240,7 @@ int cow_write_slots(struct cow_store *c, struct page **pages, unsigned int n, u6
 void cow_truncate_to_index(struct cow_store *c, struct file *f);
 void cow_mark_data_blocks(struct cow_store *c, unsigned long *map, u64 nblocks);
 bool cow_meta_block(struct cow_store *c, u64 i, u64 *b);
+u64 cow_tracked_blocks(sector_t nr_sects);
 void cow_free(struct cow_store *c);
 int cow_expand(struct dbd_tracer *tr, struct cow_store *c, struct file *f, u64 bytes);
 bool cow_dev_region(struct cow_store *c, sector_t s, u64 *fsect);

@@ -280,6 +280,26 @@ static int cmp_u64(const void *a, const void *b)
  * follows can only be submitted after the data it may overwrite was copied,
  * and the COW data lives on the same device, so a later flush covers it.
  */
+/*
+ * Bytes of block @b on the origin: a whole block, or what exists of a partial
+ * last block, whose copy in @pg is padded with zeros (a read past the end of
+ * the device would fail).
+ */
+static unsigned int dbd_origin_bytes(struct dbd_tracer *tr, u64 b, struct page *pg)
+{
+	sector_t left = tr->nr_sects - b * COW_BLOCK_SECTS;
+	unsigned int n;
+	u8 *a;
+
+	if (left >= COW_BLOCK_SECTS)
+		return PAGE_SIZE;
+	n = left << 9;
+	a = dbd_kmap(pg);
+	memset(a + n, 0, PAGE_SIZE - n);
+	dbd_kunmap(a);
+	return n;
+}
+
 static int dbd_preserve(struct dbd_tracer *tr, struct cow_store *c, struct dbd_wctx *x)
 {
 	struct dbd_io io;
@@ -327,7 +347,8 @@ static int dbd_preserve(struct dbd_tracer *tr, struct cow_store *c, struct dbd_w
 	dbd_io_init(&io);
 	dbd_bb_init(&bb, tr->bdev, REQ_OP_READ, &io);
 	for (i = 0; i < n; i++)
-		dbd_bb_add(&bb, x->blks[i] * COW_BLOCK_SECTS, x->pages[i], PAGE_SIZE, 0);
+		dbd_bb_add(&bb, x->blks[i] * COW_BLOCK_SECTS, x->pages[i],
+			   dbd_origin_bytes(tr, x->blks[i], x->pages[i]), 0);
 	dbd_bb_submit(&bb);
 	err = dbd_io_wait(&io);
 	if (err)
@@ -499,7 +520,7 @@ static void dbd_pre_process(struct dbd_tracer *tr, struct bio_list *in)
 				break;
 			}
 			tr->pre_count++;
-			dbd_bb_add(&bb, b * COW_BLOCK_SECTS, pg, PAGE_SIZE, 0);
+			dbd_bb_add(&bb, b * COW_BLOCK_SECTS, pg, dbd_origin_bytes(tr, b, pg), 0);
 		}
 		bio_list_add(&held, bio);
 	}
@@ -703,8 +724,12 @@ int dbd_setup_snap(unsigned int minor, const char *bdev_path, const char *cow_pa
 	if (err)
 		goto fail;
 	tr->nr_sects = dbd_bdev_nr_sectors(tr->bdev);
-	tr->nblocks = tr->nr_sects / COW_BLOCK_SECTS;
+	tr->nblocks = cow_tracked_blocks(tr->nr_sects);
 	tr->cache_size = cache_size;
+	if (tr->nblocks * COW_BLOCK_SECTS < tr->nr_sects)
+		LOG_WARN("minor %u: the last %llu sectors of '%s' are not tracked: the COW index of a device of %llu whole 4 KiB blocks (a multiple of %u) has no entry for a partial block",
+			 minor, (u64)(tr->nr_sects % COW_BLOCK_SECTS), bdev_path, tr->nblocks,
+			 (unsigned int)COW_SECT_ENTRIES);
 
 	if (!falloc_mib) {
 		fsize = dbd_default_fsize(tr);
@@ -778,7 +803,7 @@ int dbd_reload(unsigned int minor, const char *bdev_path, const char *cow_path,
 	tr->bdev_path = kstrdup(bdev_path, GFP_KERNEL);
 	tr->cow_path = kstrdup(cow_path, GFP_KERNEL);
 	tr->nr_sects = dbd_bdev_nr_sectors(tr->bdev);
-	tr->nblocks = tr->nr_sects / COW_BLOCK_SECTS;
+	tr->nblocks = cow_tracked_blocks(tr->nr_sects);
 	err = -ENOMEM;
 	if (!tr->bdev_path || !tr->cow_path)
 		goto fail;
@@ -843,7 +868,7 @@ static u64 dbd_count_changed(struct dbd_tracer *tr)
 	struct cow_store *c = tr->cow;
 	u64 b, n = 0;
 
-	for (b = 0; b < c->nblocks; b++) {
+	for (b = 0; b < tr->nblocks; b++) {
 		if (cow_entry_get(c, b) || (tr->changed && test_bit(b, tr->changed)))
 			n++;
 		if (!(b & 0xffff))
@@ -938,7 +963,8 @@ int dbd_transition_snap(unsigned int minor, const char *cow_path, unsigned long 
 	}
 	if (!falloc_mib) {
 		/* never inherit a size that cannot even hold the index (upstream defect 6) */
-		u64 min = COW_BLOCK + DIV_ROUND_UP(max_t(u64, tr->nblocks, 1), COW_SECT_ENTRIES) *
+		u64 min = COW_BLOCK + DIV_ROUND_UP(max_t(u64, tr->nr_sects / COW_BLOCK_SECTS, 1),
+						   COW_SECT_ENTRIES) *
 			  COW_SECT_BYTES + (1ULL << 20);
 
 		if (fsize < min) {

@@ -527,3 +527,57 @@ def test_reload_snapshot_after_clean_reboot(module_guest: Guest, ext4_volume: Vo
     assert sha256(g, "/dev/datto0") == snap
     assert dbdctl(g, "destroy 0").rc == 0
     g.assert_no_kernel_findings()
+
+
+@pytest.mark.deep
+def test_reload_of_an_upstream_sized_cow_file(module_guest: Guest, ext4_volume: Volume) -> None:
+    """Upstream makes a COW file exactly fsize long, 10 % of the device in bytes, which is rarely a
+    multiple of 4 KiB. A clean snapshot file cut to such a length (header fsize and i_size edited
+    beneath the unmounted filesystem, as upstream would have left it) reloads and activates, and the
+    snapshot still shows the data of its point in time."""
+    g, vol = module_guest, ext4_volume
+    write_file(g, f"{MNT}/a", 4, "before")
+    before = sha256(g, f"{MNT}/a")
+    assert dbdctl(g, f"setup-snapshot -f 40 {vol.device} {COW} 0").rc == 0
+    write_file(g, f"{MNT}/a", 4, "after")
+    g.check("sync")
+    [(logical, phys, _length), *_] = fiemap(g, COW)
+    assert logical == 0
+    _umount(g)
+    assert dbdctl(g, "destroy 0").rc == 0  # dormant destroy keeps the clean file
+
+    fsize = (40 << 20) - 1000  # not a multiple of 4096, as upstream's 10 % default mostly is
+    g.py(
+        "import dataclasses, os\n"
+        "from pydbd.cow import CowHeader, HEADER_SIZE\n"
+        f"fd = os.open({vol.device!r}, os.O_RDWR)\n"
+        f"raw = os.pread(fd, HEADER_SIZE, {phys})\n"
+        "h = CowHeader.unpack(raw)\n"
+        "assert h.clean and h.fsize == 40 << 20, h\n"
+        f"h = dataclasses.replace(h, fsize={fsize})\n"
+        f"os.pwrite(fd, h.pack(), {phys})\n"
+        "os.fsync(fd)\n"
+        "os.close(fd)\n"
+        "result = None\n"
+    )
+    g.check(
+        f"debugfs -w -R 'sif {COW_REL} size {fsize}' {vol.device} && "
+        "sync && echo 3 > /proc/sys/vm/drop_caches"
+    )
+    rep = _cow_via_ro_mount(g, vol.device)
+    assert rep["valid"] and _header(rep)["fsize"] == fsize, rep
+
+    r = dbdctl(g, f"reload-snapshot {vol.device} {COW_REL} 0")
+    assert r.rc == 0, r.stderr
+    _mount(g, vol.device)
+    assert _state(g) == (3, 0), "the upstream-sized COW file did not activate"
+    assert g.check(f"stat -c %s {COW}").stdout.strip() == str(fsize)
+    write_file(g, f"{MNT}/a", 4, "later")
+    g.check("sync && mkdir -p /mnt/snap && mount -o ro,noload /dev/datto0 /mnt/snap")
+    assert sha256(g, "/mnt/snap/a") == before, "the reloaded snapshot lost its point in time"
+    g.check("umount /mnt/snap")
+    _umount(g)  # dormant again: the file is finalized at its odd length
+    rep = _cow_via_ro_mount(g, vol.device)
+    assert rep["valid"] and _flags(rep) == CLEAN, rep
+    assert dbdctl(g, "destroy 0").rc == 0
+    g.assert_no_kernel_findings()

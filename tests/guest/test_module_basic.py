@@ -257,6 +257,66 @@ def test_partition_uses_relative_blocks(module_guest: Guest) -> None:
     assert dbdctl(g, "destroy 0").rc == 0
 
 
+# 64 MiB + 5 whole blocks + 3 sectors: 16389 whole blocks (not a multiple of the 4096 entries of an
+# index section, so the partial block gets index entry 16389), then a 1.5 KiB tail.
+TAIL_PART_SECTORS = 131072 + 40 + 3
+TAIL_SECTOR = TAIL_PART_SECTORS - 3
+
+
+def _tail(g: Guest, dev: str) -> str:
+    return g.check(
+        f"dd if={dev} bs=512 skip={TAIL_SECTOR} count=3 iflag=direct status=none | sha256sum"
+    ).stdout
+
+
+def _write_tail(g: Guest, pattern: str) -> None:
+    g.check(
+        f"yes {pattern} | head -c 1536 | dd of=/dev/vdb1 bs=512 seek={TAIL_SECTOR} count=3 "
+        "oflag=direct,dsync status=none"
+    )
+
+
+@pytest.mark.deep  # run on all four kernels when written (5.10, 6.1, 6.12, 7.2: passed); CI: 6.1
+@pytest.mark.guest_config(disks=[DiskSpec(128), DiskSpec(128)])
+def test_partial_last_block_of_a_partition_is_tracked(module_guest: Guest) -> None:
+    """A partition whose size is not a multiple of 4 KiB ends with a partial block: writes there
+    are copied on write (the snapshot keeps the old sectors), marked in incremental mode (index
+    entry nblocks, as upstream does), and update-img carries them into the backup image."""
+    g = module_guest
+    install_tools(g)
+    g.check("mkfs.ext4 -q -F /dev/vdc && mkdir -p /backups && mount /dev/vdc /backups")
+    g.check(f"printf 'label: dos\\nstart=2048, size={TAIL_PART_SECTORS}, type=83\\n' | sfdisk -q /dev/vdb")
+    g.check("for i in $(seq 50); do test -b /dev/vdb1 && break; sleep 0.1; done")
+    assert g.check("blockdev --getsz /dev/vdb1").stdout.strip() == str(TAIL_PART_SECTORS)
+    g.check("mkfs.ext4 -q -F -b 1024 /dev/vdb1 && mkdir -p /mnt/vol && mount /dev/vdb1 /mnt/vol")
+    _write_tail(g, "before")
+    before = _tail(g, "/dev/vdb1")
+    r = dbdctl(g, f"setup-snapshot /dev/vdb1 {COW} 0")
+    assert r.rc == 0, r.stderr
+    g.check("dd if=/dev/datto0 of=/backups/img bs=1M status=none", timeout=300)
+    _write_tail(g, "during-the-snapshot")
+    assert _tail(g, "/dev/vdb1") != before, "the raw write to the partition's tail did not land"
+    assert _tail(g, "/dev/datto0") == before, "the snapshot shows a write to the partial last block"
+    assert info(g, 0).error == 0
+
+    g.check(f"{DBDCTL} transition-to-incremental 0")
+    _write_tail(g, "during-the-incremental-period")
+    g.check(f"{DBDCTL} transition-to-snapshot /mnt/vol/.datto1 0")
+    marked = g.py(
+        "from pydbd.cow import CowFile\n"
+        f"with CowFile('{COW}', {TAIL_PART_SECTORS}) as cf:\n"
+        "    result = [b for b, _ in cf.iter_changed()]\n"
+    )
+    assert TAIL_PART_SECTORS // 8 in marked, f"block {TAIL_PART_SECTORS // 8} (the partial one) not marked"
+    g.check(f"update-img /dev/datto0 {COW} /backups/img", timeout=300)
+    assert sha256(g, "/backups/img") == sha256(g, "/dev/datto0"), "update-img missed the partial block"
+    assert _tail(g, "/dev/datto0") == _tail(g, "/dev/vdb1")
+    r = g.run(f"PYTHONPATH=/src python3 -m pydbd.dbdctl cow-info --sectors {TAIL_PART_SECTORS} {COW}")
+    assert r.rc == 0, f"the incremental COW file fails verification: {r.stdout}{r.stderr}"
+    assert dbdctl(g, "destroy 0").rc == 0
+    g.assert_no_kernel_findings()
+
+
 @pytest.mark.deep
 def test_destroy_unverified_tracer(module_guest: Guest, ext4_volume: Volume) -> None:
     """An unverified tracer never opened its COW file: destroy frees the minor and leaves the file."""
