@@ -3,20 +3,45 @@ fuzz.model.DeviceModel predicts what must hold after every step.
 
 The model's device is the *arena*: a file on the tracked ext4 whose physical blocks (FIEMAP) the
 guest agent (guestlib/agent.py) writes raw, beside the filesystem, with O_DIRECT. Rules: raw writes
-of fresh or unchanged content, filesystem activity elsewhere on the volume (file writes, truncates,
-deletes, fsync, sync), setup-snapshot, transition-to-incremental, transition-to-snapshot with a new
-COW file, destroy, reconfigure, expand-cow-file, unmount + mount (dormancy and reactivation, with
-raw writes while unmounted), and every transition in a state where the driver must refuse it.
+of fresh or unchanged content; raw discards (BLKDISCARD) and write-zeroes (BLKZEROOUT, fallocate
+PUNCH_HOLE or ZERO_RANGE on the block device) of arena blocks; filesystem activity elsewhere on the
+volume (file writes, appends, truncates that shrink or grow, deletes, renames, fallocate, punched
+holes, zeroed ranges, fsync, sync); setup-snapshot (optionally with a backup image), a backup image
+of the current snapshot, transition-to-incremental, transition-to-snapshot with a new COW file,
+destroy, reconfigure, expand-cow-file, unmount + mount (dormancy and reactivation, with raw writes
+while unmounted), reload without a reboot (unmount, destroy of the dormant tracer, reload of its
+clean COW file, mount), every transition in a state where the driver must refuse it, and, rarely
+(Env.boot_one_in, at most one per example, only with a tracer), a clean reboot or a power cut.
 
 Invariants after every step: the tracer's info (existence, state, seqid, no error); the origin's
 arena blocks are the model's device; in snapshot mode /dev/dattoN reads the model's snapshot view
 of every arena block. At each transition-to-snapshot the closed COW file's index is parsed: the
-arena blocks it marks are exactly the model's changed set, and its header carries the seqid.
+arena blocks it marks are exactly the model's changed set (blocks a discard left unchanged may be
+marked too), and its header carries the seqid; if a backup image of the previous snapshot exists,
+update-img (pydbd.updateimg, run in the agent) applies the closed COW file to it and the image's
+arena blocks must then equal the new snapshot. (Only the arena: the rest of a whole image would
+differ legitimately where the COW files' own untracked writes went.)
 
-Steps run through one agent process per guest, so an example costs seconds, not a boot. Each
-example starts from a clean slate (no tracer, arena rewritten to its initial content). A failing
-example is shrunk by Hypothesis and exported as a standalone pytest file under tests/regressions/
-(see export_regression) that replays the same steps on any `--kernel`.
+Discards: what the device reads after a BLKDISCARD depends on the device and the driver (ours drops
+discards during a snapshot; the data disk, raw with discard=unmap, reads zeros where one reaches
+it). The agent reads the blocks back right after the discard and the model takes that as their new
+content (fuzz.model, "observed" discards): a block whose content changed must have been copied
+before (snapshot unchanged) and be marked; one that did not change may or may not be marked. So the
+oracle stays strict (every later check knows the exact content) and sound for any device.
+Write-zeroes has a defined result (zeros) and is modelled as a tracked write.
+
+Boots: a clean reboot (Guest.reboot: the volume is unmounted, the tracer goes dormant with a clean
+COW file) is followed by reload-snapshot/reload-incremental before the volume's mount, which must
+bring the tracer back (unverified state 5/4 first, then 3/2) with the same seqid, change list and
+snapshot. A power cut (QMP system_reset) keeps every completed O_DIRECT write (the model's device);
+the reload of the COW file left dirty must be refused at the mount (state 5/4, error -EINVAL) and
+the tracer is destroyed: the model has no tracer afterwards. The agent is restarted after a boot.
+
+Steps run through one agent process per guest, so an example costs seconds, not a boot (except the
+rare boot steps). Each example starts from a clean slate (no tracer, arena rewritten to its initial
+content), then possibly sets up a snapshot with a backup and goes incremental (recorded as steps).
+A failing example is shrunk by Hypothesis and exported as a standalone pytest file under
+tests/regressions/ (see export_regression) that replays the same steps on any `--kernel`.
 """
 
 from __future__ import annotations
@@ -26,13 +51,14 @@ import functools
 import hashlib
 import json
 import pprint
+import random
 import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.stateful import (
@@ -44,7 +70,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from fuzz.model import DeviceModel, Mode
+from fuzz.model import ZEROES, Content, DeviceModel, Mode
 
 ARENA_BLOCKS = 48
 MINOR = 0
@@ -53,12 +79,34 @@ COW_MIB = 8
 DISK_MIB = 256  # the data disk of tests/guest/test_consistency_fuzz.py and the regressions
 REPO = Path(__file__).resolve().parent.parent
 REGRESSIONS_DIR = REPO / "tests" / "regressions"
-# State values of the info ioctl (spec §2.1): active snapshot, active incremental.
+IMAGE = "/var/tmp/dbd-fuzz.img"  # the backup image: on the guest's root disk, not the tracked volume
+# State values of the info ioctl (spec §2.1): active snapshot, active incremental; unverified ones.
 STATE_OF_MODE = {Mode.SNAPSHOT: 3, Mode.INCREMENTAL: 2}
+UNVERIFIED_STATE_OF_MODE = {Mode.SNAPSHOT: 5, Mode.INCREMENTAL: 4}
+# Boots after a reset have spent 25-105 s in the kernel's early init under TCG on a busy host (see
+# EARLY_BOOT_LOCKUP): more than the harness's default boot timeout (120 s).
+BOOT_TIMEOUT = 300.0
+# A soft lockup of PID 1 before userspace: the kernel's own early boot starved of host CPU (TCG on a
+# busy host, seen freeing init memory after a reboot); the module is not loaded yet.
+EARLY_BOOT_LOCKUP = r"soft lockup - CPU#\d+ stuck for \d+s! \[swapper/\d+:1\]"
+OBSERVED = b"digest:"  # model content read back after a discard: b"digest:" + its digest
+ZERO_TOKEN = ZEROES.decode()  # guestlib.agent.ZERO_TOKEN
+# How zero_out reaches the device (guestlib.agent.TRIM_IOCTLS / TRIM_FALLOCATE).
+ZERO_HOWS = ["zeroout", "punch_hole", "zero_range"]
 
 
 class GuestLike(Protocol):
     def run(self, cmd: str, timeout: float = ...) -> Any: ...
+
+
+class RebootableGuest(GuestLike, Protocol):
+    """What the boot rules need besides `run` (harness.guest.Guest has all three)."""
+
+    def reboot(self, wait: bool = ..., timeout: float = ...) -> None: ...
+
+    def power_cut(self, wait: bool = ..., timeout: float = ...) -> None: ...
+
+    def load_module(self) -> Any: ...
 
 
 class AgentCallError(AssertionError):
@@ -68,8 +116,26 @@ class AgentCallError(AssertionError):
 @functools.lru_cache(maxsize=65536)
 def token_digest(token: str) -> str:
     """Digest of the 4 KiB block a token stands for (the same function as guestlib.agent's)."""
+    if token == ZERO_TOKEN:
+        return hashlib.sha256(bytes(4096)).hexdigest()[:16]
     seed = hashlib.sha256(token.encode()).digest()
     return hashlib.sha256((seed * (4096 // len(seed)))[:4096]).hexdigest()[:16]
+
+
+def content_digest(content: Content) -> str:
+    """Digest of a model block: a token, ZEROES, or content observed after a discard."""
+    if content is not None and content.startswith(OBSERVED):
+        return content[len(OBSERVED) :].decode()
+    return token_digest((content or b"").decode())
+
+
+def observed_content(current: Content, digest: str) -> Content:
+    """The model content for a block the device now reads as `digest` (it was `current`)."""
+    if digest == content_digest(current):
+        return current
+    if digest == token_digest(ZERO_TOKEN):
+        return ZEROES
+    return OBSERVED + digest.encode()
 
 
 class AgentClient:
@@ -125,18 +191,29 @@ class Env:
     mountpoint: str
     device_sectors: int
     snapdev: str = f"/dev/datto{MINOR}"
+    arena: list[int] = field(default_factory=list)  # device 4 KiB blocks of the arena
+    # Boot rules (clean reboot, power cut): 0 = never; N = in about one example out of N (at most
+    # one boot per example). They need a guest with reboot/power_cut/load_module.
+    boot_one_in: int = 0
     trace: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # steps of the last example
     examples: int = 0
     steps: int = 0
+    boots: int = 0
+
+    @property
+    def guest(self) -> RebootableGuest:
+        g = self.client.guest
+        assert hasattr(g, "reboot"), "the boot rules need a guest that can reboot"
+        return g  # type: ignore[return-value]
 
 
-def prepare(guest: GuestLike, device: str, mountpoint: str) -> Env:
+def prepare(guest: GuestLike, device: str, mountpoint: str, *, boot_one_in: int = 0) -> Env:
     """Start the agent and lay out the arena on the mounted filesystem at mountpoint."""
     client = AgentClient(guest)
     client.start()
     sectors = int(client.check_sh(f"blockdev --getsz {device}").strip())
-    client.call("arena", path=f"{mountpoint}/arena", device=device, blocks=ARENA_BLOCKS)
-    return Env(client, device, mountpoint, sectors)
+    arena = client.call("arena", path=f"{mountpoint}/arena", device=device, blocks=ARENA_BLOCKS)
+    return Env(client, device, mountpoint, sectors, arena=arena, boot_one_in=boot_one_in)
 
 
 class ConsistencyMachine(RuleBasedStateMachine):
@@ -151,6 +228,9 @@ class ConsistencyMachine(RuleBasedStateMachine):
         self.counter = 0
         self.cow_n = 0
         self.cow: str | None = None
+        self.image_seqid: int | None = None  # the backup image equals the snapshot of this seqid
+        self.may_boot = False  # drawn per example by reset (Env.boot_one_in)
+        self.booted = False  # at most one boot per example
         self.e.trace = []
         self.e.examples += 1
 
@@ -168,24 +248,38 @@ class ConsistencyMachine(RuleBasedStateMachine):
         return rc
 
     # -- a clean slate per example ------------------------------------------------------------
-    @initialize()
-    def reset(self) -> None:
+    @initialize(start=st.sampled_from(["none", "snapshot", "incremental"]), boot_draw=st.integers(0, 1 << 16))
+    def reset(self, start: str = "none", boot_draw: int = 1) -> None:
+        """No tracer, the arena at its initial content; then (`start`) set up a snapshot with a
+        backup, and go incremental: as recorded steps, so that replays need no arguments here."""
         e = self.e
+        # Hypothesis favours 0 and boundary values: a seeded draw makes "one in N" hold.
+        self.may_boot = e.boot_one_in > 0 and random.Random(boot_draw).randrange(e.boot_one_in) == 0
         if self.c.call("info", minor=MINOR) is not None:
             self._ctl("destroy", MINOR)
         self.c.check_sh(
             f"mountpoint -q {e.mountpoint} || mount {e.device} {e.mountpoint}; "
-            f"rm -f {e.mountpoint}/cow-*; rm -rf {e.mountpoint}/files; sync"
+            f"rm -f {e.mountpoint}/cow-* {IMAGE}; rm -rf {e.mountpoint}/files; sync"
         )
         self.c.call(
             "write", blocks=list(range(ARENA_BLOCKS)), tokens=[f"init:{i}" for i in range(ARENA_BLOCKS)]
         )
+        if start != "none":
+            self.setup_snapshot(cache_mib=0, backup=True)
+        if start == "incremental":
+            self.transition_to_incremental()
 
     # -- I/O ------------------------------------------------------------------------------------
     def _write(self, first: int, count: int, same: bool = False) -> None:
         count = min(count, ARENA_BLOCKS - first)
         if same:
-            tokens = [(self.m.device[first + i] or b"").decode() for i in range(count)]
+            tokens = []
+            for i in range(count):
+                content = self.m.device[first + i] or b""
+                if content.startswith(OBSERVED):
+                    break  # read back after a discard: not a content a write can reproduce
+                tokens.append(content.decode())
+            count = len(tokens)
         else:
             tokens = []
             for _ in range(count):
@@ -215,15 +309,43 @@ class ConsistencyMachine(RuleBasedStateMachine):
         self._step("sync")
         self.c.check_sh("sync")
 
+    def _observe(self, first: int, digests: list[str]) -> list[Content]:
+        return [observed_content(self.m.device[first + i], d) for i, d in enumerate(digests)]
+
+    @rule(first=st.integers(0, ARENA_BLOCKS - 1), count=st.integers(1, 8))
+    def discard(self, first: int, count: int) -> None:
+        """BLKDISCARD of arena blocks beside the filesystem. What the device then reads is read back
+        (the origin may keep the data or read zeros): a block that changed must have been copied
+        first in snapshot mode and be marked; one that did not may be marked (fuzz.model)."""
+        self._step("discard", first=first, count=count)
+        count = min(count, ARENA_BLOCKS - first)
+        got = self.c.call("trim", blocks=list(range(first, first + count)), how="discard")
+        self.m.discard(first, count, result=self._observe(first, got["digests"]))
+
+    @rule(first=st.integers(0, ARENA_BLOCKS - 1), count=st.integers(1, 8), how=st.sampled_from(ZERO_HOWS))
+    def zero_out(self, first: int, count: int, how: str) -> None:
+        """Write-zeroes of arena blocks (BLKZEROOUT, or fallocate PUNCH_HOLE / ZERO_RANGE on the
+        device): defined zeros, tracked like a data write. If the device refuses it, whatever it
+        did is read back and modelled like a discard."""
+        self._step("zero_out", first=first, count=count, how=how)
+        count = min(count, ARENA_BLOCKS - first)
+        got = self.c.call("trim", blocks=list(range(first, first + count)), how=how)
+        if got["errno"] == 0:
+            self.m.zero_out(first, count)
+        else:
+            self.m.discard(first, count, result=self._observe(first, got["digests"]))
+
     # -- tracer transitions -----------------------------------------------------------------------
     @precondition(lambda self: self.m.mode is Mode.NONE)
-    @rule(cache_mib=st.sampled_from([0, 1, 4]))
-    def setup_snapshot(self, cache_mib: int) -> None:
-        self._step("setup_snapshot", cache_mib=cache_mib)
+    @rule(cache_mib=st.sampled_from([0, 1, 4]), backup=st.booleans())
+    def setup_snapshot(self, cache_mib: int, backup: bool = False) -> None:
+        self._step("setup_snapshot", cache_mib=cache_mib, backup=backup)
         self.cow = self._cow_path()
         rc = self._ctl("setup_snapshot", self.e.device, self.cow, MINOR, COW_MIB, cache_mib << 20)
         assert rc == 0, f"setup-snapshot failed with errno {rc} ({errno.errorcode.get(rc)})"
         self.m.setup_snapshot()
+        if backup:
+            self._backup()
 
     @precondition(lambda self: self.m.mode is Mode.SNAPSHOT)
     @rule()
@@ -244,13 +366,44 @@ class ConsistencyMachine(RuleBasedStateMachine):
         got = self.c.call("cow_index", path=old, device_sectors=self.e.device_sectors)
         want = sorted(period.changed)
         missing = sorted(set(want) - set(got["marked"]))
-        extra = sorted(set(got["marked"]) - set(want))
+        extra = sorted(set(got["marked"]) - set(want) - period.maybe_changed)
         assert not missing, f"closed COW file {old} misses changed arena blocks {missing}"
         assert not extra, f"closed COW file {old} marks arena blocks nobody wrote: {extra}"
         assert got["seqid"] == period.seqid, f"{old}: seqid {got['seqid']}, expected {period.seqid}"
         assert got["nr_changed"] >= len(want), f"{old}: nr_changed_blocks {got['nr_changed']} < {len(want)}"
+        if self.image_seqid == period.seqid:
+            assert old is not None
+            self._update_image(old)
         if delete_old:
             self.c.check_sh(f"rm -f {shlex.quote(str(old))}")
+
+    def _update_image(self, old_cow: str) -> None:
+        """update-img with the closed COW file: the image must become the new snapshot."""
+        r = self.c.call("update_img", snapshot=self.e.snapdev, cow=old_cow, image=IMAGE)
+        assert r["rc"] == 0, f"update-img {old_cow} failed with {r['rc']}: {r['err'].strip()}"
+        got = self.c.call("digests", path=IMAGE)
+        view = [content_digest(c) for c in self.m.snapshot_view()]
+        bad = [i for i, (a, b) in enumerate(zip(got, view, strict=True)) if a != b]
+        assert not bad, (
+            f"after update-img with {old_cow} the image's arena blocks {bad} differ from the snapshot"
+        )
+        self.image_seqid = self.m.seqid
+
+    @precondition(lambda self: self.m.mode is Mode.SNAPSHOT and self.image_seqid != self.m.seqid)
+    @rule()
+    def backup(self) -> None:
+        """A backup image of the snapshot (a sparse file of the device's size holding the arena's
+        blocks: a full copy costs seconds); every later transition-to-snapshot applies the closed
+        COW file to it with update-img."""
+        self._step("backup")
+        self._backup()
+
+    def _backup(self) -> None:
+        got = self.c.call("backup", source=self.e.snapdev, image=IMAGE, full=False)
+        view = [content_digest(c) for c in self.m.snapshot_view()]
+        bad = [i for i, (a, b) in enumerate(zip(got, view, strict=True)) if a != b]
+        assert not bad, f"the backup of {self.e.snapdev} differs in arena blocks {bad}"
+        self.image_seqid = self.m.seqid
 
     @precondition(lambda self: self.m.mode is not Mode.NONE)
     @rule()
@@ -259,8 +412,9 @@ class ConsistencyMachine(RuleBasedStateMachine):
         rc = self._ctl("destroy", MINOR)
         assert rc == 0, f"destroy failed with errno {rc}"
         self.m.destroy()
-        self.c.check_sh(f"rm -f {self.e.mountpoint}/cow-*")
+        self.c.check_sh(f"rm -f {self.e.mountpoint}/cow-* {IMAGE}")
         self.cow = None
+        self.image_seqid = None
 
     @precondition(lambda self: self.m.mode is Mode.SNAPSHOT)
     @rule(cache_mib=st.sampled_from([0, 2, 8]))
@@ -314,6 +468,91 @@ class ConsistencyMachine(RuleBasedStateMachine):
             self._write(first, count)
         self.c.check_sh(f"mount {self.e.device} {mnt}")
 
+    # -- boots (rare: see Env.boot_one_in) ---------------------------------------------------------
+    def _boot(self, kind: str) -> None:
+        """Reboot or cut the power, load the module, restart the agent; reload the tracer (if any)
+        before the volume's mount, which activates it (clean) or fails it with -EINVAL (the COW
+        file's header is dirty after a power cut, spec §4.4, §7)."""
+        e, mode = self.e, self.m.mode
+        self.booted = True
+        watcher = getattr(e.guest, "watcher", None)  # harness.guest.Guest's console watcher
+        expected = watcher.expect(EARLY_BOOT_LOCKUP) if watcher is not None else None
+        try:
+            if kind == "clean_reboot":
+                e.guest.reboot(timeout=BOOT_TIMEOUT)
+            else:
+                e.guest.power_cut(timeout=BOOT_TIMEOUT)
+        finally:
+            if watcher is not None and expected is not None:
+                watcher.end_expectation(expected)
+        e.boots += 1
+        e.guest.load_module()
+        self.c.start()
+        self._reload(mode)
+        self.c.check_sh(f"mkdir -p {e.mountpoint} && mount {e.device} {e.mountpoint}")
+        arena = self.c.call(
+            "arena", path=f"{e.mountpoint}/arena", device=e.device, blocks=ARENA_BLOCKS, create=False
+        )
+        if arena != e.arena:
+            raise AgentCallError(f"the arena file moved across the {kind}: {arena} != {e.arena}")
+        if kind == "power_cut" and mode is not Mode.NONE:
+            info = self.c.call("info", minor=MINOR)
+            want = UNVERIFIED_STATE_OF_MODE[mode]
+            assert info is not None and (info["state"], info["error"]) == (want, -errno.EINVAL), (
+                f"a reload of the COW file left dirty by a power cut was not refused: {info}"
+            )
+            assert self._ctl("destroy", MINOR) == 0
+            self.c.check_sh(f"rm -f {e.mountpoint}/cow-* {IMAGE}")
+            self.cow, self.image_seqid = None, None
+        if kind == "power_cut":
+            self.m.power_cut()
+
+    def _reload(self, mode: Mode) -> None:
+        """reload-snapshot/reload-incremental of the current COW file: an unverified tracer (5/4)."""
+        if mode is Mode.NONE:
+            return
+        e = self.e
+        assert self.cow is not None and self.cow.startswith(e.mountpoint + "/")
+        method = "reload_snapshot" if mode is Mode.SNAPSHOT else "reload_incremental"
+        rc = self._ctl(method, e.device, self.cow[len(e.mountpoint) :], MINOR, 0)
+        assert rc == 0, f"{method} failed with errno {rc}"
+        info = self.c.call("info", minor=MINOR)
+        want = UNVERIFIED_STATE_OF_MODE[mode]
+        assert info is not None and (info["state"], info["error"]) == (want, 0), f"after {method}: {info}"
+
+    @precondition(lambda self: self.m.mode is not Mode.NONE)
+    @rule()
+    def destroy_dormant_and_reload(self) -> None:
+        """Reload without a reboot: unmount (dormant: the COW file is closed with a clean header),
+        destroy the dormant tracer (the file is kept, doc/compat.md defect 18), reload the file and
+        mount: the tracer must come back in the same mode with the same seqid, change list and
+        snapshot, as after a clean reboot."""
+        self._step("destroy_dormant_and_reload")
+        mnt = self.e.mountpoint
+        self.c.check_sh(f"umount {mnt}")
+        info = self.c.call("info", minor=MINOR)
+        assert info is not None and not info["state"] & 2, f"not dormant after umount: {info}"
+        assert self._ctl("destroy", MINOR) == 0, "destroy of a dormant tracer failed"
+        assert self.c.call("info", minor=MINOR) is None, "the tracer survived destroy"
+        self._reload(self.m.mode)
+        self.c.check_sh(f"mount {self.e.device} {mnt}")
+
+    @precondition(lambda self: self.may_boot and not self.booted and self.m.mode is not Mode.NONE)
+    @rule()
+    def clean_reboot(self) -> None:
+        """A clean reboot: the tracer comes back by reload in the same mode, seqid, change list and
+        snapshot; every arena write survives."""
+        self._step("clean_reboot")
+        self._boot("clean_reboot")
+
+    @precondition(lambda self: self.may_boot and not self.booted and self.m.mode is not Mode.NONE)
+    @rule()
+    def power_cut(self) -> None:
+        """A power cut (QMP system_reset): every completed O_DIRECT write survives; the tracer's
+        reload is refused (dirty COW file) and it is destroyed."""
+        self._step("power_cut")
+        self._boot("power_cut")
+
     # -- what must hold after every step ---------------------------------------------------------
     @invariant()
     def driver_matches_model(self) -> None:
@@ -328,12 +567,12 @@ class ConsistencyMachine(RuleBasedStateMachine):
                 f"state {info['state']} in {self.m.mode.value}"
             )
             assert info["seqid"] == self.m.seqid, f"seqid {info['seqid']}, model {self.m.seqid}"
-        want_origin = [token_digest((c or b"").decode()) for c in self.m.device]
+        want_origin = [content_digest(c) for c in self.m.device]
         bad = [i for i, (a, b) in enumerate(zip(s["origin"], want_origin, strict=True)) if a != b]
         assert not bad, f"origin arena blocks {bad} do not hold what was written"
         if self.m.mode is Mode.SNAPSHOT:
             assert s["snapshot"] is not None, f"{self.e.snapdev} missing in snapshot mode"
-            view = [token_digest((c or b"").decode()) for c in self.m.snapshot_view()]
+            view = [content_digest(c) for c in self.m.snapshot_view()]
             bad = [i for i, (a, b) in enumerate(zip(s["snapshot"], view, strict=True)) if a != b]
             assert not bad, f"{self.e.snapdev}: arena blocks {bad} differ from the snapshot's point in time"
 
@@ -347,6 +586,9 @@ def machine_settings(max_examples: int, steps: int, database_dir: Path | None, d
         database=DirectoryBasedExampleDatabase(str(database_dir)) if database_dir else None,
         suppress_health_check=list(HealthCheck),
         print_blob=True,
+        report_multiple_bugs=False,  # one shrunk example: the one export_regression writes
+        # no "explain" phase: it replays the shrunk example many more times to annotate it
+        phases=[p for p in Phase if p is not Phase.explain],
     )
 
 

@@ -7,12 +7,23 @@ The model predicts, for any sequence of writes, discards and tracer transitions:
   tracer is active; discards are not tracked) and its ``nr_changed_blocks``;
 - the seqid/uuid series: seqid 1 at setup, +1 per transition-to-snapshot, one uuid per series.
 
-Blocks hold opaque ``bytes`` tokens (a guest driver maps them to real 4 KiB contents). A discarded
-block's content is unknown (``None``): thin or zeroing devices may return zeros or the old data.
-Upstream does not track discards (spec §9.11); our module marks them in incremental mode and
-completes them without touching the origin during a snapshot (doc/compat.md, defect 11). The model
-keeps such blocks *uncertain*, which both behaviours satisfy: a snapshot or an update-img result may
-legitimately differ there, and the model lists them instead of guessing.
+Blocks hold opaque ``bytes`` tokens (a guest driver maps them to real 4 KiB contents); ``ZEROES``
+stands for a block of zero bytes (write-zeroes: BLKZEROOUT, fallocate ZERO_RANGE/PUNCH_HOLE on the
+device), which is tracked like any data write (spec §3). A discarded block's content depends on the
+device: thin or zeroing devices may return zeros or the old data. Upstream does not track discards
+(spec §9.11); our module marks them in incremental mode and completes them without touching the
+origin during a snapshot (doc/compat.md, defect 11). Two ways to model a discard:
+
+* unobserved (``discard(first, count)``): the content becomes unknown (``None``) and the blocks
+  *uncertain*: a snapshot or an update-img result may legitimately differ there;
+* observed (``discard(first, count, result=...)``, what the consistency fuzzer does): the caller
+  reads the device right after the discard and passes what it now holds. A block whose content
+  changed was written as far as any backup is concerned: it is tracked exactly like a write
+  (copy-on-write first in snapshot mode, marked in the COW file). A block whose content did not
+  change may or may not be marked (``maybe_changed``): a driver that drops the discard and one that
+  passes it to a device that ignores it are both right. Both upstream's and our behaviour satisfy
+  this strict oracle wherever the discard did not change the data; upstream fails it where it did.
+
 Invalid transitions raise :class:`ModelError`, as the driver answers EINVAL/ENOENT/EBUSY.
 """
 
@@ -24,6 +35,7 @@ from dataclasses import dataclass, field
 
 Content = bytes | None
 SECTORS_PER_BLOCK = 8
+ZEROES = b"<zeroes>"  # a 4 KiB block of zero bytes
 
 
 class ModelError(Exception):
@@ -47,6 +59,7 @@ class Period:
     uncertain: frozenset[int]
     image_before: tuple[Content, ...]
     image_after: tuple[Content, ...]
+    maybe_changed: frozenset[int] = frozenset()  # discarded, content unchanged: marks allowed
 
     def apply(self, image: Sequence[Content]) -> list[Content]:
         """What update-img makes of ``image``: changed blocks copied from the new snapshot."""
@@ -72,6 +85,7 @@ class DeviceModel:
     _saved: dict[int, Content] = field(default_factory=dict)  # snapshot mode: block -> original content
     _changed: set[int] = field(default_factory=set)  # non-zero entries of the open COW file
     _uncertain: set[int] = field(default_factory=set)
+    _maybe: set[int] = field(default_factory=set)  # observed discards that changed nothing
     _image: list[Content] = field(default_factory=list)  # content when the current snapshot was taken
     _series: int = 0
 
@@ -103,14 +117,32 @@ class DeviceModel:
             self._track(first + i)
             self.device[first + i] = content
 
-    def discard(self, first: int, count: int) -> None:
-        """Discard blocks: their content becomes unknown and the tracer does not see it."""
+    def zero_out(self, first: int, count: int) -> None:
+        """Write-zeroes of ``count`` blocks: a tracked write of ``ZEROES``."""
         self._check_range(first, count)
-        self.log.append(("discard", first, count))
+        self.log.append(("zero-out", first, count))
         for block in range(first, first + count):
-            self.device[block] = None
-            if self.mode is not Mode.NONE:
-                self._uncertain.add(block)
+            self._track(block)
+            self.device[block] = ZEROES
+
+    def discard(self, first: int, count: int, result: Sequence[Content] | None = None) -> None:
+        """Discard blocks. Without ``result`` their content becomes unknown and uncertain; with it
+        (what the device reads right after the discard) a changed block is tracked like a write and
+        an unchanged one may or may not be marked (see the module docstring)."""
+        self._check_range(first, count)
+        if result is not None and len(result) != count:
+            raise ValueError(f"discard of {count} blocks observed {len(result)} results")
+        self.log.append(("discard", first, count) if result is None else ("discard", first, tuple(result)))
+        for i, block in enumerate(range(first, first + count)):
+            if result is None:
+                self.device[block] = None
+                if self.mode is not Mode.NONE:
+                    self._uncertain.add(block)
+            elif result[i] != self.device[block]:
+                self._track(block)
+                self.device[block] = result[i]
+            elif self.mode is not Mode.NONE and block not in self._changed:
+                self._maybe.add(block)
 
     # -- tracer transitions ----------------------------------------------------------------------
 
@@ -126,7 +158,7 @@ class DeviceModel:
         self._new_file()
 
     def _new_file(self) -> None:
-        self._saved, self._changed, self._uncertain = {}, set(), set()
+        self._saved, self._changed, self._uncertain, self._maybe = {}, set(), set(), set()
         self._image = list(self.device)
 
     def transition_to_incremental(self) -> None:
@@ -148,6 +180,7 @@ class DeviceModel:
             uncertain=frozenset(self._uncertain),
             image_before=tuple(self._image),
             image_after=tuple(self.device),
+            maybe_changed=frozenset(self._maybe - self._changed),
         )
         self.periods.append(period)
         self.mode = Mode.SNAPSHOT
@@ -160,7 +193,14 @@ class DeviceModel:
             raise ModelError("destroy: no tracer")
         self.log.append(("destroy",))
         self.mode, self.seqid, self.uuid = Mode.NONE, 0, 0
-        self._saved, self._changed, self._uncertain, self._image = {}, set(), set(), []
+        self._saved, self._changed, self._uncertain, self._maybe, self._image = {}, set(), set(), set(), []
+
+    def power_cut(self) -> None:
+        """The machine lost power: the tracer is gone (its COW file is dirty and a reload of it is
+        refused); the device keeps every completed write."""
+        self.log.append(("power-cut",))
+        self.mode, self.seqid, self.uuid = Mode.NONE, 0, 0
+        self._saved, self._changed, self._uncertain, self._maybe, self._image = {}, set(), set(), set(), []
 
     # -- predictions -----------------------------------------------------------------------------
 
@@ -173,6 +213,12 @@ class DeviceModel:
     def nr_changed_blocks(self) -> int:
         """Entries that went from 0 to non-zero in the open COW file (spec §4.2)."""
         return len(self._changed)
+
+    @property
+    def maybe_changed(self) -> frozenset[int]:
+        """Blocks the open COW file may mark although they are not required: observed discards that
+        changed nothing (unless a write marked them too)."""
+        return frozenset(self._maybe - self._changed)
 
     @property
     def uncertain(self) -> frozenset[int]:

@@ -8,7 +8,8 @@
 2. Guest consistency (a `--consistency-share` of the rest): the Hypothesis state machine of
    fuzz/guest_machine.py in one long-lived guest, fresh examples for the whole budget, its example
    database in the cache (`hypothesis-guest/<kernel>`), each shrunk failure exported to
-   tests/regressions/ as a standalone pytest file.
+   tests/regressions/ as a standalone pytest file. About one example in 6 may reboot the guest
+   or cut its power (DBD_FUZZ_BOOT_ONE_IN; 30-60 s each under TCG).
 3. Guest bad input (the rest): tests/guest/test_ioctl_fuzz.py (bad ioctl arguments in every tracer
    state, corrupt COW files handed to reload) on `--kernel`, one fresh seed per round. The next seed
    is kept in the cache (`fuzz-campaign/<kernel>.json`), so a campaign continues with seeds never tried.

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from fuzz.model import Content, DeviceModel, Mode, ModelError, Period, blocks_of_sectors
+from fuzz.model import ZEROES, Content, DeviceModel, Mode, ModelError, Period, blocks_of_sectors
 
 NBLOCKS = 24
 
@@ -56,6 +56,25 @@ class ModelMachine(RuleBasedStateMachine):
         self.m.discard(first, count)
         if self.m.mode is not Mode.NONE:
             self.backup_uncertain.update(range(first, first + count))
+
+    @rule(first=st.integers(0, NBLOCKS - 1), zeroes=st.lists(st.booleans(), min_size=1, max_size=3))
+    def observed_discard(self, first: int, zeroes: list[bool]) -> None:
+        """A discard whose result was read back: each block reads zeros or keeps its data."""
+        count = min(len(zeroes), NBLOCKS - first)
+        result = [ZEROES if zeroes[i] else self.m.device[first + i] for i in range(count)]
+        changed = {first + i for i in range(count) if result[i] != self.m.device[first + i]}
+        self.m.discard(first, count, result=result)
+        if self.m.mode is not Mode.NONE:
+            self.written.update(changed)
+            assert changed <= self.m.changed
+            assert set(range(first, first + count)) <= self.m.changed | self.m.maybe_changed
+
+    @rule(first=st.integers(0, NBLOCKS - 1), count=st.integers(1, 3))
+    def zero_out(self, first: int, count: int) -> None:
+        count = min(count, NBLOCKS - first)
+        self.m.zero_out(first, count)
+        if self.m.mode is not Mode.NONE:
+            self.written.update(range(first, first + count))
 
     @rule(first=st.integers(-1, NBLOCKS), count=st.integers(1, 3))
     def out_of_range_io_is_rejected(self, first: int, count: int) -> None:
@@ -203,6 +222,42 @@ def test_discard_is_untracked_and_uncertain() -> None:
     assert m.changed == frozenset()
     assert m.uncertain == {2}
     assert m.snapshot_view()[2] is None
+
+
+def test_zero_out_is_a_tracked_write() -> None:
+    m = DeviceModel(4)
+    m.setup_snapshot()
+    m.zero_out(1, 2)
+    assert m.device[1:3] == [ZEROES, ZEROES]
+    assert m.snapshot_view()[1:3] == [b"init:1", b"init:2"]
+    assert m.changed == {1, 2}
+
+
+def test_observed_discard_tracks_changes_and_allows_marks_elsewhere() -> None:
+    m = DeviceModel(4)
+    m.setup_snapshot()
+    m.discard(0, 2, result=[b"init:0", ZEROES])  # block 0 kept its data, block 1 reads zeros
+    assert m.snapshot_view()[:2] == [b"init:0", b"init:1"]
+    assert m.device[:2] == [b"init:0", ZEROES]
+    assert (m.changed, m.maybe_changed, m.uncertain) == ({1}, {0}, frozenset())
+    m.transition_to_incremental()
+    m.write(0, [b"w"])  # a later write makes the mark required
+    m.discard(3, 1, result=[b"init:3"])
+    assert (m.changed, m.maybe_changed) == ({0, 1}, {3})
+    period = m.transition_to_snapshot()
+    assert (period.changed, period.maybe_changed) == ({0, 1}, {3})
+    assert period.apply(list(period.image_before)) == list(period.image_after)
+    assert m.maybe_changed == frozenset()
+    with pytest.raises(ValueError):
+        m.discard(0, 2, result=[None])
+
+
+def test_power_cut_drops_the_tracer_and_keeps_the_device() -> None:
+    m = DeviceModel(4)
+    m.setup_snapshot()
+    m.write(0, [b"a"])
+    m.power_cut()
+    assert (m.mode, m.seqid, m.changed, m.device[0]) == (Mode.NONE, 0, frozenset(), b"a")
 
 
 def test_period_records_the_change_list() -> None:

@@ -26,13 +26,24 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from guestlib.churn import fallocate
 from pydbd import cow as cowfmt
 from pydbd.control import Control
 
 BLOCK = 4096
+ZERO_TOKEN = "<zeroes>"  # fuzz.model.ZEROES: a block of zero bytes
 FS_IOC_FIEMAP = 0xC020660B
 FIEMAP_FLAG_SYNC = 0x1
 FIEMAP_EXTENT_LAST = 0x1
+BLKDISCARD = 0x1277  # _IO(0x12, 119): uint64 range[2] = {start, length} in bytes
+BLKZEROOUT = 0x127F  # _IO(0x12, 127)
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x1, 0x2, 0x10
+# How op_trim reaches the device: an ioctl or a fallocate(2) mode on the block device.
+TRIM_IOCTLS = {"discard": BLKDISCARD, "zeroout": BLKZEROOUT}
+TRIM_FALLOCATE = {
+    "punch_hole": FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,  # blkdev: write-zeroes, may unmap
+    "zero_range": FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,  # blkdev: write-zeroes, no unmap
+}
 # Extents whose physical location is not plain data on the device: refuse such an arena.
 FIEMAP_EXTENT_BAD = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x800  # unknown, delalloc, encoded, ...
 
@@ -42,7 +53,9 @@ class AgentError(Exception):
 
 
 def block_content(token: str) -> bytes:
-    """The 4 KiB a model token stands for (distinct tokens give distinct blocks)."""
+    """The 4 KiB a model token stands for (distinct tokens give distinct blocks; ZERO_TOKEN zeros)."""
+    if token == ZERO_TOKEN:
+        return bytes(BLOCK)
     seed = hashlib.sha256(token.encode()).digest()
     return (seed * (BLOCK // len(seed)))[:BLOCK]
 
@@ -82,6 +95,17 @@ def fiemap_extents(path: str) -> list[tuple[int, int]]:
     return out
 
 
+def device_runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """(first device block, count) of each run of consecutive device blocks, in the given order."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((b, 1))
+    return runs
+
+
 def whole_blocks(extents: list[tuple[int, int]]) -> list[int]:
     """Device 4 KiB blocks lying wholly inside one extent (a 1 KiB-block filesystem may straddle)."""
     out: list[int] = []
@@ -98,16 +122,18 @@ class Agent:
         self.buf = mmap.mmap(-1, BLOCK)  # page aligned, as O_DIRECT wants
 
     # -- ops -----------------------------------------------------------------------------------
-    def op_arena(self, path: str, device: str, blocks: int) -> list[int]:
-        """Create the arena file and return the device blocks of the model (`blocks` of them).
+    def op_arena(self, path: str, device: str, blocks: int, create: bool = True) -> list[int]:
+        """Create the arena file (or, not `create`, map an existing one: after a reboot) and return
+        the device blocks of the model (`blocks` of them).
 
         The file is written with data (not fallocated: unwritten extents are not plain data) and
         twice the size needed, since only 4 KiB device blocks wholly inside it are used."""
-        with open(path, "wb") as f:
-            for i in range(2 * blocks + 4):
-                f.write(block_content(f"arena:{i}"))
-            f.flush()
-            os.fsync(f.fileno())
+        if create:
+            with open(path, "wb") as f:
+                for i in range(2 * blocks + 4):
+                    f.write(block_content(f"arena:{i}"))
+                f.flush()
+                os.fsync(f.fileno())
         usable = whole_blocks(fiemap_extents(path))
         if len(usable) < blocks:
             raise AgentError(f"{path}: only {len(usable)} whole 4 KiB device blocks, {blocks} needed")
@@ -132,6 +158,35 @@ class Agent:
             os.close(fd)
         return len(blocks)
 
+    def op_trim(self, blocks: list[int], how: str) -> dict[str, Any]:
+        """Discard or zero model blocks (arena indexes) on the device, beside the filesystem: `how`
+        is "discard" (BLKDISCARD), "zeroout" (BLKZEROOUT), "punch_hole" or "zero_range" (fallocate
+        on the block device). One call per run of consecutive device blocks. Returns the errno of
+        the first failing call (0: all done; the rest are then skipped) and the digests of the
+        blocks as the device reads them afterwards."""
+        if how not in TRIM_IOCTLS and how not in TRIM_FALLOCATE:
+            raise AgentError(f"unknown trim {how!r}")
+        failed = 0
+        fd = os.open(self.device, os.O_WRONLY)
+        try:
+            for first, count in device_runs([self.arena[i] for i in blocks]):
+                try:
+                    if how in TRIM_IOCTLS:
+                        fcntl.ioctl(fd, TRIM_IOCTLS[how], struct.pack("=QQ", first * BLOCK, count * BLOCK))
+                    else:
+                        fallocate(fd, TRIM_FALLOCATE[how], first * BLOCK, count * BLOCK)
+                except OSError as e:
+                    failed = e.errno or errno.EIO
+                    break
+        finally:
+            os.close(fd)
+        fd = os.open(self.device, os.O_RDONLY | os.O_DIRECT)
+        try:
+            digests = [digest(self._pread(fd, self.arena[i])) for i in blocks]
+        finally:
+            os.close(fd)
+        return {"errno": failed, "digests": digests}
+
     def op_digests(self, path: str) -> list[str]:
         """Digest of every arena block as `path` (origin or /dev/dattoN) reads it, bypassing caches."""
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -139,6 +194,41 @@ class Agent:
             return [digest(self._pread(fd, b)) for b in self.arena]
         finally:
             os.close(fd)
+
+    def op_backup(self, source: str, image: str, full: bool) -> list[str]:
+        """A backup image of `source` (a snapshot device): the whole device (`full`), or a sparse
+        file of the device's size holding only the arena's blocks. Returns the digests of the
+        image's arena blocks."""
+        src = os.open(source, os.O_RDONLY | os.O_DIRECT)
+        try:
+            size = os.lseek(src, 0, os.SEEK_END)
+            with open(image, "wb") as out:
+                out.truncate(size)
+                if full:
+                    chunk = mmap.mmap(-1, 1 << 20)
+                    for off in range(0, size, len(chunk)):
+                        n = os.preadv(src, [chunk], off)
+                        out.seek(off)
+                        out.write(chunk[:n])
+                else:
+                    for b in self.arena:
+                        out.seek(b * BLOCK)
+                        out.write(self._pread(src, b))
+                out.flush()
+                os.fsync(out.fileno())
+        finally:
+            os.close(src)
+        return self.op_digests(image)
+
+    def op_update_img(self, snapshot: str, cow: str, image: str) -> dict[str, Any]:
+        """pydbd's update-img (in this process: no interpreter start-up) on `image`."""
+        import io
+
+        from pydbd import updateimg
+
+        out, err = io.StringIO(), io.StringIO()
+        rc = updateimg.run(snapshot, cow, image, progress=False, out=out, err=err)
+        return {"rc": rc, "out": out.getvalue()[-4000:], "err": err.getvalue()[-4000:]}
 
     def op_ctl(self, method: str, args: list[Any]) -> int:
         """One pydbd Control call; the errno it failed with, or 0."""
@@ -182,21 +272,39 @@ class Agent:
         return {"rc": p.returncode, "out": p.stdout[-4000:], "err": p.stderr[-4000:]}
 
     def op_files(self, directory: str, seed: int, count: int, fsync: bool) -> int:
-        """Filesystem activity beside the arena: (re)write, truncate and delete small files."""
+        """Filesystem activity beside the arena on up to 16 small files: (re)write, append, truncate
+        (shrink or grow), delete, rename, fallocate (growing the file or keeping its size), punch a
+        hole, zero a range; each file fsynced after its operation when `fsync`."""
         import random
 
         rng = random.Random(seed)
         os.makedirs(directory, exist_ok=True)
         for _ in range(count):
             name = os.path.join(directory, f"f{rng.randrange(16)}")
-            action = rng.randrange(4)
+            action = rng.randrange(9)
             if action == 3 and os.path.exists(name):
                 os.unlink(name)
                 continue
-            with open(name, "ab" if action == 1 else "wb") as f:
-                f.write(os.urandom(rng.randrange(1, 64 * 1024)))
-                if action == 2:
-                    f.truncate(rng.randrange(0, 16 * 1024))
+            if action == 4 and os.path.exists(name):
+                os.replace(name, os.path.join(directory, f"f{rng.randrange(16)}"))
+                continue
+            exists = os.path.exists(name)
+            with open(name, "r+b" if exists and action >= 5 else "ab" if action == 1 else "wb") as f:
+                if action == 5:  # allocate, maybe past the end (KEEP_SIZE) or growing the file
+                    fallocate(f.fileno(), rng.choice([0, FALLOC_FL_KEEP_SIZE]), rng.randrange(0, 64 * 1024),
+                              rng.randrange(1, 64 * 1024))  # fmt: skip
+                elif action in (6, 7) and exists:  # punch a hole / zero a range inside the file
+                    size = os.fstat(f.fileno()).st_size
+                    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if action == 6 else FALLOC_FL_ZERO_RANGE
+                    if size:
+                        off = rng.randrange(size)
+                        fallocate(f.fileno(), mode, off, rng.randrange(1, size - off + 1))
+                elif action == 8:  # truncate without writing: shrink or grow (a sparse tail)
+                    f.truncate(rng.randrange(0, 96 * 1024))
+                else:
+                    f.write(os.urandom(rng.randrange(1, 64 * 1024)))
+                    if action == 2:
+                        f.truncate(rng.randrange(0, 16 * 1024))
                 if fsync:
                     os.fsync(f.fileno())
         return count
