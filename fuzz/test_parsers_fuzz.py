@@ -58,11 +58,13 @@ def _captured() -> Iterator[tuple[io.TextIOWrapper, io.TextIOWrapper]]:
         yield out, err
 
 
-def _text(stream: io.TextIOWrapper) -> str:
+def _text(stream: io.TextIOWrapper, errors: str = "strict") -> str:
+    """What was written, as text. Strict by default; a path's raw bytes (dbdctl writes paths as
+    the kernel reports them, not necessarily UTF-8) need errors="backslashreplace"."""
     stream.flush()
     buffer = stream.buffer
     assert isinstance(buffer, io.BytesIO)
-    return buffer.getvalue().decode("utf-8")
+    return buffer.getvalue().decode("utf-8", errors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -592,6 +594,12 @@ def _fake_factory(script: DriverScript) -> Any:
 
 
 @given(argv=argv_st, script=driver_st)
+@example(  # found by a campaign: a block device path that is not UTF-8 is printed as raw bytes
+    argv=["info", "0"],
+    script=DriverScript(
+        errors={}, info=_info_reply(0, 0, b"", b"\x80"), free_minor=0, ctl_exists=True, proc_text=None
+    ),
+)
 @example(  # found by the dev profile: a NUL byte in a path escaped as ValueError
     argv=["reload-incremental", "/dev/loop0", "\x00", "0"],
     script=DriverScript(errors={}, info=None, free_minor=0, ctl_exists=True, proc_text=None),
@@ -618,7 +626,9 @@ def test_dbdctl_main_always_returns_an_exit_code(argv: list[str], script: Driver
             _captured() as (out, err),
         ):
             code = dbdctl.main(argv)
-        note(f"exit {code}\nstdout: {_text(out)}\nstderr: {_text(err)}")
+        note(
+            f"exit {code}\nstdout: {_text(out, 'backslashreplace')}\nstderr: {_text(err, 'backslashreplace')}"
+        )
     assert isinstance(code, int)
     assert code in (0, 1, 2, dbdctl.EXIT_FAILURE)
 
