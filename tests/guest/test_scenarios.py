@@ -380,11 +380,13 @@ def _cut_during(g: Guest, rng: random.Random, tag: str, command: str, window: fl
         f"( echo dbd-phase-start-{tag} > /dev/kmsg; {command}; "
         f"echo dbd-phase-done-{tag} rc=$? > /dev/kmsg ) >/dev/null 2>&1 </dev/null &"
     )
+    deadline = time.monotonic() + 60
+    while f"dbd-phase-start-{tag}" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{tag}: the command did not start within 60 s"
+        time.sleep(0.05)
     g.run(f"sleep {rng.uniform(0.0, window):.2f}", timeout=60)
     g.power_cut()
-    text = log.read_text(errors="replace")
-    assert f"dbd-phase-start-{tag}" in text, f"{tag}: the command never started before the cut"
-    return f"dbd-phase-done-{tag}" not in text
+    return f"dbd-phase-done-{tag}" not in log.read_text(errors="replace")
 
 
 def _after_cut(g: Guest, o: Oracles, dev: str, manifests: list[str]) -> None:
