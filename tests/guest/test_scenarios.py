@@ -358,13 +358,7 @@ def test_power_cut_mid_workload_loses_nothing_fsynced(
         state = info(g, 0)
         assert state.error == 0, f"tracer failed before the power cut: {state}"
         g.power_cut()
-        o.crash_point()
-        _replay_and_fsck(g, o, dev, fs)
-        g.check(f"mount {dev} {MNT}")
-        for k in range(cut + 1):
-            o.nothing_lost(f"{MNT}/keep{k}", f"/root/keep{k}.json")
-        g.check(f"rm -rf {COW} {MNT}/bg", timeout=300)
-        g.load_module()
+        _after_cut(g, o, dev, [f"/root/keep{k}.json" for k in range(cut + 1)], fs)
     g.assert_no_kernel_findings()
 
 
@@ -389,11 +383,11 @@ def _cut_during(g: Guest, rng: random.Random, tag: str, command: str, window: fl
     return f"dbd-phase-done-{tag}" not in log.read_text(errors="replace")
 
 
-def _after_cut(g: Guest, o: Oracles, dev: str, manifests: list[str]) -> None:
-    """Oracle 5 after a cut: the journal replays, fsck is clean, every fsynced file is intact, and
-    the COW files (dirty or not) are ordinary files that can be deleted."""
+def _after_cut(g: Guest, o: Oracles, dev: str, manifests: list[str], fs: str = "ext4") -> None:
+    """Oracle 5 after a cut: the journal replays, fsck is clean, every fsynced file (manifest k
+    covers MNT/keep<k>) is intact, and the COW files (dirty or not) are ordinary deletable files."""
     o.crash_point()
-    _replay_and_fsck(g, o, dev, "ext4")
+    _replay_and_fsck(g, o, dev, fs)
     g.check(f"mount {dev} {MNT}")
     for k, manifest in enumerate(manifests):
         o.nothing_lost(f"{MNT}/keep{k}", manifest)
