@@ -42,7 +42,7 @@ from typing import Any
 
 from pydbd import abi
 from pydbd.control import DEFAULT_CTL_PATH, Control, DattoInfo
-from pydbd.errors import DattoError, errno_name
+from pydbd.errors import PER_MINOR_OPS, DattoError, diagnose_einval, errno_name
 from pydbd.procinfo import DEFAULT_PROC_PATH, ProcDevice, ProcFormatError, ProcInfo, read_proc_info
 
 EXIT_FAILURE = 255  # upstream returns -1 from main / exit(-1)
@@ -327,20 +327,36 @@ def _not_loaded() -> int:
     return EXIT_FAILURE
 
 
-def _request_failed(err: DattoError) -> int:
+def _request_failed(err: DattoError, diagnosis: str | None = None) -> int:
     print(
         f"driver returned an error performing specified action. check dmesg for more info: {err.strerror}",
         file=sys.stderr,
     )
-    print(f"dbdctl: {err.hint}", file=sys.stderr)
+    print(f"dbdctl: {diagnosis or err.hint}", file=sys.stderr)
     return EXIT_FAILURE
+
+
+def _diagnosis(ctl: Control, err: DattoError) -> str | None:
+    """For an EINVAL on an existing tracer, ask the driver for that tracer's state and error so
+    the message names the actual cause (say, a COW file that filled up a second ago) rather than
+    listing the possible ones."""
+    if err.errno != errno.EINVAL or err.minor is None or err.op not in PER_MINOR_OPS:
+        return None
+    try:
+        info = ctl.info(err.minor)
+    except (DattoError, ValueError):
+        return None
+    return diagnose_einval(err.op, err.minor, info.state, info.error)
 
 
 def _with_control(action: Callable[[Control], int | None]) -> int:
     """Run action on a freshly opened control device; map driver failures to upstream's message."""
     try:
         with CONTROL_FACTORY(ctl_path()) as ctl:
-            return action(ctl) or 0
+            try:
+                return action(ctl) or 0
+            except DattoError as err:
+                return _request_failed(err, _diagnosis(ctl, err))
     except DattoError as err:
         return _request_failed(err)
     except ValueError as err:  # an argument Control refuses to pass on (a NUL byte in a path, a range)

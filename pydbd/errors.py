@@ -11,6 +11,8 @@ import errno as E
 import os
 from typing import Any
 
+from pydbd.abi import state_name
+
 # Requests that create a tracer: the minor must be free.
 _CREATE_OPS = frozenset({"setup-snapshot", "reload-snapshot", "reload-incremental"})
 # Requests that refuse to run while /dev/dattoN is open (spec §2, "must not be busy").
@@ -18,7 +20,7 @@ _BUSY_CHECKED_OPS = frozenset(
     {"destroy", "transition-to-incremental", "transition-to-snapshot", "reconfigure"}
 )
 # Requests that need an existing tracer on the minor.
-_PER_MINOR_OPS = _BUSY_CHECKED_OPS | {"info", "expand-cow-file", "reconfigure-auto-expand"}
+PER_MINOR_OPS = _BUSY_CHECKED_OPS | {"info", "expand-cow-file", "reconfigure-auto-expand"}
 
 _NOT_LOADED = (
     "{path} is missing or is not the datto control device: the dattobd module is not loaded; "
@@ -116,7 +118,7 @@ def _groups(op: str) -> list[str]:
         keys.append("create")
     if op in _BUSY_CHECKED_OPS:
         keys.append("busy")
-    if op in _PER_MINOR_OPS:
+    if op in PER_MINOR_OPS:
         keys.append("per-minor")
     keys.append("*")
     return keys
@@ -133,6 +135,36 @@ def _hint_template(op: str, errnum: int) -> str:
 def errno_name(errnum: int) -> str:
     """Symbolic name of an errno value, e.g. "EBUSY"."""
     return E.errorcode.get(errnum, f"errno {errnum}")
+
+
+# The state each request needs (spec §3); EINVAL from these is most often a tracer in another state.
+_NEEDED_STATE: dict[str, int] = {
+    "transition-to-incremental": 3,
+    "expand-cow-file": 3,
+    "reconfigure-auto-expand": 3,
+    "transition-to-snapshot": 2,
+}
+
+
+def diagnose_einval(op: str, minor: int, state: int, error: int) -> str | None:
+    """The cause of an EINVAL from a request on an existing tracer, given that tracer's INFO
+    (state and error): the hints above can only list the possible causes, this names the one that
+    applies.  None when neither the tracer's error nor its state explains the refusal."""
+    if error:
+        why = f"the tracer on minor {minor} has failed with {errno_name(-error)} ({os.strerror(-error)})"
+        if -error == E.EFBIG:
+            return why + "; " + _HINTS[("*", E.EFBIG)]
+        return (
+            why + "; only info and destroy work on a failed tracer: destroy it and set it up again "
+            "(`dmesg | grep datto` says what failed)"
+        )
+    needed = _NEEDED_STATE.get(op)
+    if needed is not None and state != needed:
+        return (
+            f"{op} needs minor {minor} in state {needed} ({state_name(needed)}), "
+            f"but it is in state {state} ({state_name(state)})"
+        )
+    return None
 
 
 class DattoError(OSError):

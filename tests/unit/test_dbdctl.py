@@ -306,6 +306,41 @@ def test_setup_failure_hint(driver: FakeIoctl, capsys: pytest.CaptureFixture[str
     assert "dbdctl get-free" in err.splitlines()[1]
 
 
+def test_einval_on_a_failed_tracer_names_its_error(
+    driver: FakeIoctl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The guest-test case this came from: the COW file filled up a second after setup, and the
+    transition's EINVAL said only "possible causes"; now dbdctl asks INFO and names the cause."""
+    driver.errors[abi.IOCTL_TRANSITION_INC] = errno.EINVAL
+    driver.replies[abi.IOCTL_DATTOBD_INFO] = info_bytes(state=3, error=-errno.EFBIG)
+    status, _, err = run(capsys, "transition-to-incremental", "0")
+    lines = err.splitlines()
+    assert status == 255 and lines[0] == IOCTL_ERROR + "Invalid argument"
+    assert lines[1].startswith("dbdctl: the tracer on minor 0 has failed with EFBIG (File too large); ")
+    assert "larger -f" in lines[1]
+
+
+def test_einval_on_a_tracer_in_the_wrong_state_names_both_states(
+    driver: FakeIoctl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    driver.errors[abi.IOCTL_TRANSITION_SNAP] = errno.EINVAL
+    driver.replies[abi.IOCTL_DATTOBD_INFO] = info_bytes(state=3)
+    _, _, err = run(capsys, "transition-to-snapshot", "/cow2", "0")
+    assert err.splitlines()[1] == (
+        "dbdctl: transition-to-snapshot needs minor 0 in state 2 (active incremental), "
+        "but it is in state 3 (active snapshot)"
+    )
+
+
+def test_einval_unexplained_by_info_keeps_the_generic_hint(
+    driver: FakeIoctl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    driver.errors[abi.IOCTL_TRANSITION_INC] = errno.EINVAL
+    driver.errors[abi.IOCTL_DATTOBD_INFO] = errno.ENOENT  # the tracer vanished meanwhile
+    _, _, err = run(capsys, "transition-to-incremental", "0")
+    assert err.splitlines()[1].startswith("dbdctl: minor 0 is not an active snapshot (state 3)")
+
+
 def test_unopenable_control_device_is_an_ioctl_failure(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
