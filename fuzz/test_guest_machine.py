@@ -253,7 +253,7 @@ SEARCHED_BUGS = [
     "update-img-skips-last",
     "power-cut-reload-accepted",
 ]  # reload-forgets-changes needs a deeper example: found at the edge of this budget, so replay only
-SETUP = ("setup_snapshot", {"cache_mib": 0, "backup": False})
+SETUP = ("setup_snapshot", {"cache_bytes": 0, "backup": False})
 TO_INC = ("transition_to_incremental", {})
 TO_SNAP = ("transition_to_snapshot", {"delete_old": False})
 WRITE = ("write", {"first": 3, "count": 2})
@@ -266,7 +266,7 @@ REPLAYED_BUGS = {
     # write-zeroes neither copied nor marked
     "zeroout-untracked": [SETUP, ("zero_out", {"first": 0, "count": 1, "how": "punch_hole"})],
     # (the tool, not the driver) update-img does not copy the last changed block
-    "update-img-skips-last": [("setup_snapshot", {"cache_mib": 0, "backup": True}), TO_INC, WRITE, TO_SNAP],
+    "update-img-skips-last": [("setup_snapshot", {"cache_bytes": 0, "backup": True}), TO_INC, WRITE, TO_SNAP],
     # a reload after a clean reboot starts with an empty change list
     "reload-forgets-changes": [SETUP, TO_INC, WRITE, ("clean_reboot", {}), TO_SNAP],
     # the same after destroy of the dormant tracer and a reload, without a reboot

@@ -18,6 +18,7 @@
 #include <linux/dcache.h>
 #include <linux/falloc.h>
 #include <linux/sort.h>
+#include <linux/sched/mm.h>
 #include <linux/uio.h>
 #include <linux/cred.h>
 #include <linux/file.h>
@@ -233,35 +234,234 @@ bool cow_dev_region(struct cow_store *c, sector_t s, u64 *fsect)
 	return false;
 }
 
-/* ---- index --------------------------------------------------------------- */
-u64 cow_entry_get(struct cow_store *c, u64 b)
+/* ---- index cache ------------------------------------------------------------ */
+
+/* is block @b preserved (snapshot) or recorded (incremental)?  Lockless, any context */
+bool cow_mapped(struct cow_store *c, u64 b)
 {
-	u64 *s;
+	return b < c->ntrack && test_bit(b, c->mapped);
+}
+
+/* entry @b if its section is in memory, else 0 (PENDING entries always are) */
+u64 cow_entry_peek(struct cow_store *c, u64 b)
+{
+	u64 *sec;
 
 	if (b >= c->ntrack)
 		return 0;
-	/* pairs with the release in cow_entry_set(): a section seen here is fully zeroed */
-	s = smp_load_acquire(&c->sections[b / COW_SECT_ENTRIES]);
-	return s ? READ_ONCE(s[b % COW_SECT_ENTRIES]) : 0;
+	sec = c->sections[b / COW_SECT_ENTRIES];
+	return sec ? sec[b % COW_SECT_ENTRIES] : 0;
 }
 
+/*
+ * Sections are read and written through the file's captured extents.
+ * @sec is a kvmalloc'ed 32 KiB buffer: vmalloc or (physically contiguous)
+ * kmalloc memory, so each page is looked up on its own.
+ */
+static void cow_section_add(struct cow_store *c, struct dbd_bb *bb, u64 s, u8 *sec, int *err)
+{
+	unsigned int off;
+
+	for (off = 0; off < COW_SECT_BYTES && !*err; off += PAGE_SIZE) {
+		struct page *pg = is_vmalloc_addr(sec + off) ? vmalloc_to_page(sec + off) :
+						      virt_to_page(sec + off);
+
+		*err = cow_bb_add_file(c, bb, COW_BLOCK + s * COW_SECT_BYTES + off, pg, 0, PAGE_SIZE);
+	}
+}
+
+/*
+ * A section buffer for the worker, which must not recurse into I/O (it may be
+ * what the I/O waits for): NOIO scope rather than GFP_NOIO, so that kvmalloc
+ * may still fall back to vmalloc when 32 KiB are not contiguous.
+ */
+static u64 *cow_section_alloc(void)
+{
+	unsigned int noio = memalloc_noio_save();
+	u64 *sec = kvzalloc(COW_SECT_BYTES, GFP_KERNEL);
+
+	memalloc_noio_restore(noio);
+	return sec;
+}
+
+/* read evicted section @s back from the file (worker context, ext_mutex not held) */
+static int cow_section_load(struct cow_store *c, u64 s)
+{
+	struct dbd_io io;
+	struct dbd_bb bb;
+	u64 *sec = cow_section_alloc();
+	int err = 0, e;
+
+	if (!sec)
+		return -ENOMEM;
+	dbd_io_init(&io);
+	dbd_bb_init(&bb, c->bdev, REQ_OP_READ, &io);
+	mutex_lock(&c->ext_mutex);
+	cow_section_add(c, &bb, s, (u8 *)sec, &err);
+	dbd_bb_submit(&bb);
+	mutex_unlock(&c->ext_mutex);
+	e = dbd_io_wait(&io);
+	if (!err)
+		err = e;
+	if (err) {
+		kvfree(sec);
+		LOG_ERROR(err, "error reading cow index section %llu back from the file", s);
+		return err;
+	}
+	c->sections[s] = sec;
+	clear_bit(s, c->on_disk);
+	c->nresident++;
+	c->nr_loaded++;
+	c->hits[s] = 1;
+	return 0;
+}
+
+/* make the section holding entry @b resident (worker context, ext_mutex not held) */
+int cow_section_need(struct cow_store *c, u64 b)
+{
+	u64 s = b / COW_SECT_ENTRIES;
+
+	if (b >= c->ntrack)
+		return 0;
+	if (c->sections[s]) {
+		c->hits[s]++;
+		return 0;
+	}
+	return test_bit(s, c->on_disk) ? cow_section_load(c, s) : 0;
+}
+
+/*
+ * Set entry @b (worker context).  An evicted section is read back first, so
+ * ext_mutex must not be held unless the section is known to be resident
+ * (PENDING entries: a section is only evicted between worker batches).
+ */
 int cow_entry_set(struct cow_store *c, u64 b, u64 v)
 {
-	u64 *s;
+	u64 s = b / COW_SECT_ENTRIES;
+	u64 *sec;
+	int err;
 
 	if (b >= c->ntrack)
 		return -ERANGE;
-	s = c->sections[b / COW_SECT_ENTRIES];
-	if (!s) {
-		if (!v)
-			return 0;
-		s = kvzalloc(COW_SECT_BYTES, GFP_NOIO);
-		if (!s)
-			return -ENOMEM;
-		/* publish the zeroed section to lockless cow_entry_get() readers */
-		smp_store_release(&c->sections[b / COW_SECT_ENTRIES], s);
+	if (!c->sections[s]) {
+		if (test_bit(s, c->on_disk)) {
+			err = cow_section_load(c, s);
+			if (err)
+				return err;
+		} else {
+			if (!v)
+				return 0;
+			sec = cow_section_alloc();
+			if (!sec)
+				return -ENOMEM;
+			c->sections[s] = sec;
+			c->nresident++;
+		}
 	}
-	WRITE_ONCE(s[b % COW_SECT_ENTRIES], v);
+	sec = c->sections[s];
+	c->hits[s]++;
+	sec[b % COW_SECT_ENTRIES] = v;
+	__set_bit(s, c->dirty);
+	/* after the COW data is durable (dbd_preserve): the hook may now skip @b */
+	if (v && !(v & COW_PENDING))
+		set_bit(b, c->mapped);
+	else
+		clear_bit(b, c->mapped);
+	return 0;
+}
+
+/*
+ * Sections the cache may hold for a cache size of @bytes: the same rule as
+ * upstream (spec 4.6), max(0, bytes - 24 * nsect) / 32 KiB.  0 is allowed:
+ * then every section is written back after each batch of writes.
+ */
+void cow_set_cache(struct cow_store *c, unsigned long bytes)
+{
+	u64 fixed = 24 * c->nsect;
+
+	WRITE_ONCE(c->max_resident, bytes > fixed ? (bytes - fixed) / COW_SECT_BYTES : 0);
+}
+
+struct cow_victim {
+	u32 hits;
+	u64 s;
+};
+
+static int cow_victim_cmp(const void *a, const void *b)
+{
+	const struct cow_victim *x = a, *y = b;
+
+	if (x->hits != y->hits)
+		return x->hits < y->hits ? -1 : 1;
+	return x->s < y->s ? -1 : (x->s > y->s);
+}
+
+/*
+ * Over the limit: write back and free the less-used half of the resident
+ * sections (at least down to the limit), as upstream does.  With
+ * !@write_dirty only sections identical to the file's index are dropped
+ * (incremental mode: writing the index would change blocks that the change
+ * list must then report).  @tracked as for cow_finalize().  Worker context,
+ * or with the worker paused.
+ */
+int cow_cache_trim(struct cow_store *c, bool write_dirty, bool tracked)
+{
+	struct cow_victim *v;
+	struct dbd_io io;
+	struct dbd_bb bb;
+	unsigned int noio;
+	u64 limit = READ_ONCE(c->max_resident), keep, n = 0, nv, s, i;
+	bool wrote = false;
+	int err = 0, e;
+
+	if (c->nresident <= limit)
+		return 0;
+	noio = memalloc_noio_save();
+	v = kvmalloc_array(c->nresident, sizeof(*v), GFP_KERNEL);
+	memalloc_noio_restore(noio);
+	if (!v)
+		return 0;	/* try again after the next batch */
+	for (s = 0; s < c->nsect && n < c->nresident; s++)
+		if (c->sections[s] && (write_dirty || !test_bit(s, c->dirty)))
+			v[n++] = (struct cow_victim){ .hits = c->hits[s], .s = s };
+	sort(v, n, sizeof(*v), cow_victim_cmp, NULL);
+	keep = min(limit, c->nresident / 2);
+	nv = min(n, c->nresident - keep);
+
+	dbd_io_init(&io);
+	dbd_bb_init(&bb, c->bdev, REQ_OP_WRITE, &io);
+	bb.tracked = tracked;
+	mutex_lock(&c->ext_mutex);
+	for (i = 0; i < nv && !err; i++) {
+		if (test_bit(v[i].s, c->dirty)) {
+			cow_section_add(c, &bb, v[i].s, (u8 *)c->sections[v[i].s], &err);
+			wrote = true;
+		}
+	}
+	dbd_bb_submit(&bb);
+	mutex_unlock(&c->ext_mutex);
+	e = dbd_io_wait(&io);
+	if (!err)
+		err = e;
+	if (err) {
+		LOG_ERROR(err, "error writing back cow index sections");
+		kvfree(v);
+		return err;
+	}
+	if (wrote && !tracked)
+		c->meta_written = true;
+	for (i = 0; i < nv; i++) {
+		s = v[i].s;
+		kvfree(c->sections[s]);
+		c->sections[s] = NULL;
+		__clear_bit(s, c->dirty);
+		set_bit(s, c->on_disk);
+		c->nresident--;
+	}
+	c->nr_evicted += nv;
+	for (s = 0; s < c->nsect; s++)
+		c->hits[s] >>= 1;	/* age: recent use counts more */
+	kvfree(v);
 	return 0;
 }
 
@@ -468,6 +668,12 @@ u64 cow_tracked_blocks(sector_t nr_sects)
 	return whole + ((nr_sects % COW_BLOCK_SECTS) && whole < room ? 1 : 0);
 }
 
+/* a bitmap of @bits bits, zeroed, that may be large (one bit per block or data slot) */
+static unsigned long *bitmap_zalloc_node_kv(u64 bits)
+{
+	return kvzalloc(max_t(u64, BITS_TO_LONGS(bits), 1) * sizeof(unsigned long), GFP_KERNEL);
+}
+
 static struct cow_store *cow_alloc(struct block_device *bdev, sector_t nr_sects)
 {
 	struct cow_store *c = kzalloc(sizeof(*c), GFP_KERNEL);
@@ -487,8 +693,13 @@ static struct cow_store *cow_alloc(struct block_device *bdev, sector_t nr_sects)
 	c->version = 1;
 	atomic64_set(&c->nr_changed, 0);
 	c->sections = kvcalloc(c->nsect, sizeof(u64 *), GFP_KERNEL);
+	c->mapped = bitmap_zalloc_node_kv(c->ntrack);
+	c->on_disk = bitmap_zalloc_node_kv(c->nsect);
+	c->dirty = bitmap_zalloc_node_kv(c->nsect);
+	c->hits = kvcalloc(c->nsect, sizeof(u32), GFP_KERNEL);
+	c->max_resident = U64_MAX;	/* until cow_set_cache() */
 	c->hdr0 = kzalloc(COW_BLOCK, GFP_KERNEL);
-	if (!c->sections || !c->hdr0) {
+	if (!c->sections || !c->mapped || !c->on_disk || !c->dirty || !c->hits || !c->hdr0) {
 		cow_free(c);
 		return NULL;
 	}
@@ -613,12 +824,6 @@ fail_file:
 	return NULL;
 }
 
-/* a bitmap of @bits bits, zeroed, that may be large (one bit per data slot of a big file) */
-static unsigned long *bitmap_zalloc_node_kv(u64 bits)
-{
-	return kvzalloc(max_t(u64, BITS_TO_LONGS(bits), 1) * sizeof(unsigned long), GFP_KERNEL);
-}
-
 /*
  * Index entries of a reloaded file (spec 4.5): snapshot entries are 0 or a
  * data slot in [first_data_block, fpos) that no other block uses;
@@ -655,7 +860,7 @@ static int cow_check_section(struct cow_store *c, u64 s, const u64 *ent, unsigne
  * the VFS (nothing else has the file open yet), captures its layout.
  */
 struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct file *f, bool snap,
-			   int *errp)
+			   unsigned long cache_bytes, int *errp)
 {
 	struct inode *inode = file_inode(f);
 	struct cow_store *c = cow_alloc(bdev, nr_sects);
@@ -663,13 +868,14 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 	loff_t size = i_size_read(inode), pos;
 	void *buf = NULL;
 	unsigned long *used = NULL;
-	u64 s;
+	u64 s, i;
 	int err;
 
 	if (!c) {
 		*errp = -ENOMEM;
 		return NULL;
 	}
+	cow_set_cache(c, cache_bytes);
 	buf = kvmalloc(COW_SECT_BYTES, GFP_KERNEL);
 	if (!buf) {
 		err = -ENOMEM;
@@ -754,6 +960,15 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 		err = cow_check_section(c, s, buf, used, snap);
 		if (err)
 			goto fail;
+		for (i = 0; i < COW_SECT_ENTRIES && s * COW_SECT_ENTRIES + i < c->ntrack; i++)
+			if (((u64 *)buf)[i])
+				__set_bit(s * COW_SECT_ENTRIES + i, c->mapped);
+		cond_resched();
+		/* beyond the cache limit a section stays in the file until needed */
+		if (c->nresident >= c->max_resident) {
+			__set_bit(s, c->on_disk);
+			continue;
+		}
 		sec = kvmalloc(COW_SECT_BYTES, GFP_KERNEL);
 		if (!sec) {
 			err = -ENOMEM;
@@ -761,7 +976,7 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 		}
 		memcpy(sec, buf, COW_SECT_BYTES);
 		c->sections[s] = sec;
-		cond_resched();
+		c->nresident++;
 	}
 	kvfree(used);
 	used = NULL;
@@ -815,14 +1030,22 @@ int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tr
 	u64 s, b;
 	int err = 0;
 
-	if (changed) {
-		for_each_set_bit(b, changed, c->ntrack) {
-			if (!cow_entry_get(c, b)) {
-				err = cow_entry_set(c, b, 1);
-				if (err)
-					return err;
-			}
+	/* section by section, so that no more than the cache limit is resident */
+	for (s = 0; changed && s < c->nsect; s++) {
+		u64 end = min((s + 1) * COW_SECT_ENTRIES, c->ntrack);
+
+		for (b = find_next_bit(changed, end, s * COW_SECT_ENTRIES); b < end;
+		     b = find_next_bit(changed, end, b + 1)) {
+			if (cow_mapped(c, b))
+				continue;
+			err = cow_entry_set(c, b, 1);
+			if (err)
+				return err;
 		}
+		err = cow_cache_trim(c, true, tracked);
+		if (err)
+			return err;
+		cond_resched();
 	}
 	c->flags = flags;
 	if (!tracked)
@@ -831,20 +1054,9 @@ int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tr
 	dbd_bb_init(&bb, c->bdev, REQ_OP_WRITE, &io);
 	bb.tracked = tracked;
 	mutex_lock(&c->ext_mutex);
-	for (s = 0; s < c->nsect && !err; s++) {
-		u8 *sec = (u8 *)c->sections[s];
-		unsigned int off;
-
-		if (!sec)
-			continue;
-		for (off = 0; off < COW_SECT_BYTES && !err; off += PAGE_SIZE) {
-			struct page *pg = is_vmalloc_addr(sec + off) ? vmalloc_to_page(sec + off) :
-							      virt_to_page(sec + off);
-
-			err = cow_bb_add_file(c, &bb, COW_BLOCK + s * COW_SECT_BYTES + off, pg, 0,
-					      PAGE_SIZE);
-		}
-	}
+	for (s = 0; s < c->nsect && !err; s++)
+		if (c->sections[s])
+			cow_section_add(c, &bb, s, (u8 *)c->sections[s], &err);
 	dbd_bb_submit(&bb);
 	mutex_unlock(&c->ext_mutex);
 	{
@@ -857,6 +1069,7 @@ int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tr
 		LOG_ERROR(err, "error writing cow index");
 		return err;
 	}
+	bitmap_zero(c->dirty, c->nsect);
 
 	return cow_write_header(c, flags, tracked);
 }
@@ -994,6 +1207,10 @@ void cow_free(struct cow_store *c)
 			kvfree(c->sections[s]);
 		kvfree(c->sections);
 	}
+	kvfree(c->mapped);
+	kvfree(c->on_disk);
+	kvfree(c->dirty);
+	kvfree(c->hits);
 	kvfree(c->ext);
 	kvfree(c->dext);
 	kfree(c->hdr0);

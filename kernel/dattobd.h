@@ -69,7 +69,20 @@ struct cow_store {
 	atomic64_t nr_changed;
 	u32 flags;
 	u64 falloc_mib;
-	u64 **sections;
+	/*
+	 * The index cache (spec 4.6).  Sections are owned by the worker (or by
+	 * whoever holds wlock with the worker paused): they are loaded from the
+	 * file on demand and written back and freed when more than max_resident
+	 * are in memory.  The hook never looks at them; it reads @mapped.
+	 */
+	u64 **sections;		/* resident sections; NULL: all-zero, or evicted (on_disk) */
+	unsigned long *mapped;	/* entry b is non-zero and final (not PENDING): lockless */
+	unsigned long *on_disk;	/* section s was evicted: only the file's index holds it */
+	unsigned long *dirty;	/* section s differs from the file's index */
+	u32 *hits;		/* uses of section s since the last trim */
+	u64 nresident;
+	u64 max_resident;	/* from the tracer's cache size, see cow_set_cache() */
+	u64 nr_evicted, nr_loaded;	/* for the debug log */
 	struct mutex ext_mutex;		/* protects ext/dext/fsize against expand */
 	struct dbd_extent *ext;		/* sorted by fsect */
 	unsigned int n_ext;
@@ -228,12 +241,16 @@ struct cow_store *cow_create(struct block_device *bdev, sector_t nr_sects, const
 			     u64 fsize, u64 falloc_mib, u64 seqid, const u8 *uuid, char **relpath,
 			     int *errp);
 struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct file *f, bool snap,
-			   int *errp);
+			   unsigned long cache_bytes, int *errp);
 int cow_same_layout(struct cow_store *c, struct file *f);
 int cow_pin(struct cow_store *c, struct file *f);
 void cow_unpin(struct cow_store *c);
-u64 cow_entry_get(struct cow_store *c, u64 b);
+bool cow_mapped(struct cow_store *c, u64 b);
+u64 cow_entry_peek(struct cow_store *c, u64 b);
+int cow_section_need(struct cow_store *c, u64 b);
 int cow_entry_set(struct cow_store *c, u64 b, u64 v);
+void cow_set_cache(struct cow_store *c, unsigned long bytes);
+int cow_cache_trim(struct cow_store *c, bool write_dirty, bool tracked);
 int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tracked);
 int cow_write_header(struct cow_store *c, u32 flags, bool tracked);
 int cow_write_slots(struct cow_store *c, struct page **pages, unsigned int n, u64 fpos);

@@ -63,12 +63,9 @@ static bool dbd_all_preserved(struct dbd_tracer *tr, struct cow_store *c, u64 b0
 
 	if (b0 >= tr->nblocks)
 		return true;	/* partial tail block: not tracked */
-	for (b = b0; b <= b1; b++) {
-		u64 v = cow_entry_get(c, b);
-
-		if (!v || (v & COW_PENDING))
+	for (b = b0; b <= b1; b++)
+		if (!cow_mapped(c, b))
 			return false;
-	}
 	return true;
 }
 
@@ -81,7 +78,7 @@ void dbd_mark_changed(struct dbd_tracer *tr, u64 b0, u64 b1)
 	if (!map || b0 >= tr->nblocks)
 		return;
 	for (b = b0; b <= b1; b++) {
-		if (!test_and_set_bit(b, map) && c && c->version >= 1 && !cow_entry_get(c, b))
+		if (!test_and_set_bit(b, map) && c && c->version >= 1 && !cow_mapped(c, b))
 			atomic64_inc(&c->nr_changed);
 	}
 }

@@ -173,6 +173,14 @@ void dbd_snapdev_process_read(struct dbd_tracer *tr, struct bio *bio)
 	list_add_tail(&p->track, &tr->rtrack);
 	spin_unlock_irqrestore(&tr->rlock, flags);
 
+	/* the index sections this read needs, read back from the file if evicted */
+	{
+		u64 b;
+
+		for (b = p->b0; b <= p->b1 && b < tr->nblocks && !err; b++)
+			if (cow_mapped(c, b))
+				err = cow_section_need(c, b);
+	}
 	dbd_bb_init(&bb, tr->bdev, REQ_OP_READ, &p->io);
 	mutex_lock(&c->ext_mutex);
 	bio_for_each_segment(bv, bio, iter) {
@@ -183,12 +191,11 @@ void dbd_snapdev_process_read(struct dbd_tracer *tr, struct bio *bio)
 			u64 b = s / COW_BLOCK_SECTS;
 			unsigned int n = min_t(unsigned int, len,
 					       (COW_BLOCK_SECTS - (s % COW_BLOCK_SECTS)) << 9);
-			u64 v = b < tr->nblocks ? cow_entry_get(c, b) : 0;
+			bool mapped = b < tr->nblocks && cow_mapped(c, b);
+			u64 v = mapped ? cow_entry_peek(c, b) : 0;
 			u64 fs;
 			unsigned int k;
 			bool region = false;
-
-			bool mapped = v && !(v & COW_PENDING);
 
 			/*
 			 * Sectors of the COW file itself always read as the file

@@ -416,7 +416,7 @@ static void dbd_process_writes(struct dbd_tracer *tr, struct bio_list *in, struc
 		}
 		dbd_bio_blocks(tr, bio, &b0, &b1);
 		for (b = b0; b <= b1 && b < tr->nblocks && !err; b++) {
-			if (cow_entry_get(c, b))
+			if (cow_mapped(c, b) || cow_entry_peek(c, b))
 				continue;	/* preserved, or pending in this batch */
 			err = cow_entry_set(c, b, COW_PENDING);
 			if (err)
@@ -545,6 +545,23 @@ static void dbd_pre_free(struct dbd_tracer *tr)
 	tr->pre_count = 0;
 }
 
+/*
+ * Keep the index cache within its limit, between batches (no PENDING entries
+ * then).  Incremental mode only drops sections the file already holds: a
+ * write-back there would change blocks the change list must report.
+ */
+static void dbd_trim_index(struct dbd_tracer *tr)
+{
+	struct cow_store *c = tr->cow;
+	int err;
+
+	if (!c || dbd_tracer_error(tr) || !(tr->state & DBD_STATE_ACTIVE))
+		return;
+	err = cow_cache_trim(c, READ_ONCE(tr->hook_mode) == DBD_HOOK_SNAP, false);
+	if (err)
+		dbd_tracer_fail(tr, err);
+}
+
 static int dbd_worker(void *data)
 {
 	struct dbd_tracer *tr = data;
@@ -600,6 +617,7 @@ static int dbd_worker(void *data)
 		}
 		while ((bio = bio_list_pop(&r)))
 			dbd_snapdev_process_read(tr, bio);
+		dbd_trim_index(tr);
 		mutex_unlock(&tr->wlock);
 	}
 	if (x) {
@@ -673,6 +691,8 @@ static void dbd_teardown(struct dbd_tracer *tr)
 	dbd_stop_worker(tr);
 	dbd_pre_free(tr);
 	if (tr->cow) {
+		LOG_DEBUG("minor %u: index cache dropped %llu sections and read back %llu", tr->minor,
+			  tr->cow->nr_evicted, tr->cow->nr_loaded);
 		/* an active file is deleted; a dormant one (not pinned) is kept, clean */
 		if (tr->cow->pin)
 			dbd_delete_cow(tr, tr->cow, tr->cow_path);
@@ -743,6 +763,7 @@ int dbd_setup_snap(unsigned int minor, const char *bdev_path, const char *cow_pa
 			     &tr->cow_path, &err);
 	if (!tr->cow)
 		goto fail;
+	cow_set_cache(tr->cow, dbd_cache_size(tr));
 	err = dbd_snapdev_create(tr);
 	if (err)
 		goto fail_cow;
@@ -866,13 +887,15 @@ void dbd_destroy_all(void)
 static u64 dbd_count_changed(struct dbd_tracer *tr)
 {
 	struct cow_store *c = tr->cow;
-	u64 b, n = 0;
+	u64 n = 0;
+	u64 i, words = BITS_TO_LONGS(tr->nblocks);
 
-	for (b = 0; b < tr->nblocks; b++) {
-		if (cow_entry_get(c, b) || (tr->changed && test_bit(b, tr->changed)))
-			n++;
-		if (!(b & 0xffff))
-			cond_resched();
+	for (i = 0; i < words; i++) {
+		unsigned long w = c->mapped[i] | (tr->changed ? tr->changed[i] : 0);
+
+		if (i == words - 1 && tr->nblocks % BITS_PER_LONG)
+			w &= BITMAP_LAST_WORD_MASK(tr->nblocks);
+		n += hweight_long(w);
 	}
 	return n;
 }
@@ -976,6 +999,7 @@ int dbd_transition_snap(unsigned int minor, const char *cow_path, unsigned long 
 			  oldc->uuid, &newpath, &err);
 	if (!newc)
 		return err;
+	cow_set_cache(newc, dbd_cache_size(tr));
 	err = dbd_snapdev_create(tr);
 	if (err)
 		goto fail_new;
@@ -1011,6 +1035,8 @@ int dbd_transition_snap(unsigned int minor, const char *cow_path, unsigned long 
 
 		if (e)
 			LOG_ERROR(e, "error finalizing previous cow file (ignored)");
+		LOG_DEBUG("minor %u: index cache dropped %llu sections and read back %llu", minor,
+			  oldc->nr_evicted, oldc->nr_loaded);
 	}
 	cow_free(oldc);	/* releases the old file: kept, clean, for update-img */
 	kvfree(oldmap);
@@ -1039,6 +1065,8 @@ int dbd_reconfigure(unsigned int minor, unsigned long cache_size)
 	if (dbd_tracer_error(tr))
 		return -EINVAL;
 	tr->cache_size = cache_size;
+	if (tr->cow)
+		cow_set_cache(tr->cow, dbd_cache_size(tr));	/* the worker trims after its next batch */
 	return 0;
 }
 
@@ -1220,7 +1248,7 @@ static int dbd_pre_merge(struct dbd_tracer *tr, struct cow_store *c)
 		goto out;
 	}
 	xa_for_each(&tr->pre, b, pg) {
-		if (cow_entry_get(c, b))
+		if (cow_mapped(c, b))
 			continue;	/* the file already has the older copy */
 		blks[n] = b;
 		pages[n++] = pg;
@@ -1263,7 +1291,7 @@ void dbd_activate_unverified(struct dbd_tracer *tr)
 			  tr->cow_path, tr->bdev_path);
 		goto fail;
 	}
-	c = cow_load(tr->bdev, tr->nr_sects, f, snap, &err);
+	c = cow_load(tr->bdev, tr->nr_sects, f, snap, dbd_cache_size(tr), &err);
 	if (!c) {
 		LOG_ERROR(err, "reload of minor %u: cow file '%s' on %s refused", tr->minor,
 			  tr->cow_path, tr->bdev_path);

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 
@@ -117,11 +118,28 @@ def test_snapshot_is_stable_point_in_time_and_stored_exactly(
 ) -> None:
     """Oracles 1, 2, 4 (and the origin's own data) around one snapshot of a volume under churn,
     signed files, fio and fstrim."""
-    g, o, dev = module_guest, oracles, "/dev/vdb"
+    _one_snapshot_under_churn(module_guest, oracles, seed, fstype, cache=0)
+
+
+@pytest.mark.deep
+@pytest.mark.debugkernel  # sections are freed and read back all the time: KASAN watches
+@EXT4_GUEST
+def test_snapshot_with_a_one_byte_index_cache(module_guest: Guest, oracles: Oracles, seed: int) -> None:
+    """Scenario 1 with cache size 1: the cache may hold no index section (spec 4.6), so the worker
+    writes every section back after each batch and reads it again for the next write or snapshot
+    read. The oracles must not see a difference, and the module must report that it did evict."""
+    _one_snapshot_under_churn(module_guest, oracles, seed, "ext4", cache=1)
+
+
+def _one_snapshot_under_churn(g: Guest, o: Oracles, seed: int, fstype: str, cache: int) -> None:
+    dev = "/dev/vdb"
     _prepare(g, dev, fstype)
     workloads.churn(o, f"{MNT}/pre", seed, "/root/pre.json")
-    _ok(g, f"setup-snapshot -f 80 {dev} {COW} 0")
+    if cache:
+        _debug_log(g, True)
+    _ok(g, f"setup-snapshot -c {cache} -f 80 {dev} {COW} 0")
     before = info(g, 0)
+    assert before.cache_size == (cache or 314572800), before
     o.hash("/dev/datto0", "/root/h0")
 
     workloads.churn(o, f"{MNT}/pre", seed + 1, "/root/pre-after.json")  # rewrites the pre files
@@ -144,8 +162,30 @@ def test_snapshot_is_stable_point_in_time_and_stored_exactly(
     _cow_after_dormancy(g, o, dev, fstype, before.uuid, before.seqid)
     o.hash("/dev/datto0", "/root/h2")
     o.stability("/root/h0", "/root/h2")  # also while dormant
-    _ok(g, "destroy 0")
+    _destroy_and_check_eviction(g, cache)
     g.assert_no_kernel_findings()
+
+
+def _debug_log(g: Guest, on: bool) -> None:
+    """The module's debug lines (ioctls, transitions, index-cache counts; none per write)."""
+    g.check(f"echo {int(on)} > /sys/module/dattobd/parameters/debug")
+
+
+def _destroy_and_check_eviction(g: Guest, cache: int) -> None:
+    """Destroy minor 0; with a tiny cache, the debug lines of each COW file's end (transition or
+    destroy) must add up to sections dropped and read back, else the test passed without ever
+    exercising the cache."""
+    _ok(g, "destroy 0")
+    if not cache:
+        return
+    _debug_log(g, False)
+    counts = [
+        (int(m[0]), int(m[1]))
+        for m in re.findall(r"index cache dropped (\d+) sections and read back (\d+)", g.dmesg())
+    ]
+    print(f"index cache (dropped, read back) per COW file: {counts}")
+    assert counts and sum(d for d, _ in counts) > 0, f"no section was dropped: {counts}"
+    assert sum(r for _, r in counts) > 0, f"no section was read back: {counts}"
 
 
 # -- scenario 2: an incremental chain, update-img exact each round -------------------------------------
@@ -167,6 +207,8 @@ def _partition(g: Guest) -> str:
         # XFS: one incremental round per run in test_two_tracked_volumes_keep_separate_change_lists;
         # the two-round chain is in the nightly set
         pytest.param("disk", "xfs", marks=[pytest.mark.deep, pytest.mark.long, XFS_GUEST]),
+        # every index section written back after each batch and read back when needed (spec 4.6)
+        pytest.param("disk-1-byte-cache", "ext4", marks=[pytest.mark.deep, EXT4_GUEST]),
     ],
 )
 def test_incremental_chain_marks_every_changed_block(
@@ -176,10 +218,13 @@ def test_incremental_chain_marks_every_changed_block(
     block differing between the snapshots is marked (precision reported in the test's properties)."""
     g, o = module_guest, oracles
     dev = _partition(g) if layout == "partition" else "/dev/vdb"
+    cache = 1 if layout.endswith("1-byte-cache") else 0
     _prepare(g, dev, fs)
     g.check("mkfs.ext4 -q -F -O ^orphan_file /dev/vdc && mkdir -p /backups && mount /dev/vdc /backups")
     workloads.churn(o, f"{MNT}/base", seed, "/root/base.json")
-    _ok(g, f"setup-snapshot -f 48 {dev} {COW} 0")
+    if cache:
+        _debug_log(g, True)
+    _ok(g, f"setup-snapshot -c {cache} -f 48 {dev} {COW} 0")
     g.check("dd if=/dev/datto0 of=/backups/img bs=1M status=none", timeout=600)
     o.hash("/dev/datto0", "/root/h0")
     _ok(g, "transition-to-incremental 0")
@@ -196,7 +241,7 @@ def test_incremental_chain_marks_every_changed_block(
         _ok(g, "transition-to-incremental 0")
         g.check(f"rm -f {cow}")
         cow = new_cow
-    _ok(g, "destroy 0")
+    _destroy_and_check_eviction(g, cache)
     g.assert_no_kernel_findings()
 
 
