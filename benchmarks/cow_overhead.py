@@ -69,6 +69,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.guestcmd import BenchError, run
 from harness.errors import GuestCommandError, GuestError
 from harness.guest import CommandResult, Guest
 from harness.qemu import DiskSpec
@@ -89,10 +90,6 @@ TARGETS = {"snapshot first write": 0.3, "snapshot rewrite": 0.9, "incremental": 
 # Our first writes must also beat this phase's ratio (same job, same run).
 PEER_FIRST_WRITE = "dm-snapshot first write"
 SETUP_TARGET_MS = 200.0
-
-
-class BenchError(Exception):
-    """A guest command failed; the message carries its stderr."""
 
 
 @dataclass(frozen=True)
@@ -161,17 +158,6 @@ class SetupLatency:
 
 
 # ---------------------------------------------------------------- guest commands
-
-
-def run(g: Guest, cmd: str, timeout: float = 120.0) -> CommandResult:
-    """Run a guest command; on failure raise BenchError with its rc, stdout tail and stderr."""
-    r = g.run(cmd, timeout=timeout)
-    if r.rc != 0:
-        raise BenchError(
-            f"guest command failed (rc {r.rc}): {cmd}\n--- stdout (tail) ---\n{r.stdout[-2000:]}"
-            f"\n--- stderr ---\n{r.stderr}"
-        )
-    return r
 
 
 def tracer_info(g: Guest, phase: str) -> TracerState:

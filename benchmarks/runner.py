@@ -1,15 +1,20 @@
 """Run the benchmarks, keep their numbers as JSON and render them as doc/benchmarks.md with plots.
 
     benchmarks/run [--kernel debian-6.1] [--quick] [--out artifacts/benchmarks/results.json]
-                   [--only cow,update-img,boot] [--doc doc/benchmarks.md] [--render-only]
+                   [--only cow,snapshot-latency,update-img,boot] [--doc doc/benchmarks.md]
+                   [--render-only]
 
 Each benchmark runs as its own process with ``--json`` (its console output is shown and kept in a
 ``.log`` next to the results): ``cow_overhead.py`` (one guest: our snapshot, incremental tracking
 and device-mapper's snapshot target, fio write overhead against an untracked baseline),
+``snapshot_latency.py`` (one guest: latency of setup-snapshot and both transitions against volume size
+and dirty page cache),
 ``update_img.py`` (host: update-img against a full copy) and ``guest_boot.py`` (boot-to-ready; its
 guests-per-minute part is skipped because it runs two guests at once). One guest at a time.
 ``--quick`` uses small sizes (a few minutes under TCG instead of an hour). ``--render-only`` renders
-the document again from an existing results file. Nothing is asserted: the document says which
+the document again from an existing results file. With ``--only``, the other benchmarks' entries of an
+existing ``--out`` file are kept (each says when and by which command it ran), so that one benchmark
+can be run again without rerunning the others. Nothing is asserted: the document says which
 targets the run met; the exit status is non-zero only when a benchmark failed to produce numbers.
 """
 
@@ -80,6 +85,14 @@ def benches(kernel: str) -> tuple[Bench, ...]:
             ("--target", kernel, "--time-based", "10"),
             guest=True,
         ),
+        Bench(
+            "snapshot_latency",
+            "snapshot_latency.py",
+            # 3 runs even when quick: single runs under TCG stray by 100 ms and more (6 min instead of 3)
+            ("--target", kernel, "--quick", "--repeat", "3"),
+            ("--target", kernel),
+            guest=True,
+        ),
         Bench("update_img", "update_img.py", ("--size", "64M", "--repeat", "1"), ("--size", "1G"), False),
         Bench(
             "guest_boot",
@@ -91,7 +104,12 @@ def benches(kernel: str) -> tuple[Bench, ...]:
     )
 
 
-ONLY_NAMES = {"cow": "cow_overhead", "update-img": "update_img", "boot": "guest_boot"}
+ONLY_NAMES = {
+    "cow": "cow_overhead",
+    "snapshot-latency": "snapshot_latency",
+    "update-img": "update_img",
+    "boot": "guest_boot",
+}
 
 
 # ---------------------------------------------------------------- running
@@ -123,6 +141,7 @@ def run_bench(b: Bench, quick: bool, log_dir: Path) -> dict[str, Any]:
             rc = proc.wait()
         seconds = (datetime.datetime.now(datetime.UTC) - start).total_seconds()
         entry: dict[str, Any] = {"command": shown, "rc": rc, "seconds": seconds, "log": str(log_path)}
+        entry["date"] = start.strftime("%Y-%m-%d %H:%M UTC")
         if json_path.exists():
             entry["results"] = json.loads(json_path.read_text())
         else:
@@ -236,19 +255,26 @@ def plot_slug(job: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in job.lower()).strip("_")
 
 
-def render_plots(cow: dict[str, Any], plot_dir: Path) -> list[tuple[str, Path]]:
-    """One bar chart per fio job: bandwidth ratio to the baseline per phase, with the targets."""
+def pyplot() -> Any:
+    """matplotlib.pyplot with the file-only backend, or exit saying how to install it."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.patches import Patch
     except ImportError as e:
         raise SystemExit(
             f"benchmarks/run: matplotlib is needed for the plots ({e}); install the dev dependencies: "
             ".venv/bin/pip install -e '.[dev]'"
         ) from e
+    return plt
+
+
+def render_plots(cow: dict[str, Any], plot_dir: Path) -> list[tuple[str, Path]]:
+    """One bar chart per fio job: bandwidth ratio to the baseline per phase, with the targets."""
+    plt = pyplot()
+    from matplotlib.patches import Patch
+
     plot_dir.mkdir(parents=True, exist_ok=True)
     out = []
     for job in [j["name"] for j in cow.get("jobs", [])]:
@@ -418,6 +444,252 @@ def side_by_side(cow: dict[str, Any]) -> list[str]:
     ]
 
 
+# ---------------------------------------------------------------- snapshot creation latency
+
+LATENCY_OPS = {
+    "setup": "setup-snapshot",
+    "to_incremental": "transition-to-incremental",
+    "to_snapshot": "transition-to-snapshot",
+}
+WHY_SLOW_SETUP = (
+    "setup-snapshot creates the COW file and preallocates it (fallocate, zero-fill through the page "
+    "cache, fsync), then freezes the file system (sync_filesystem and a journal commit, each a "
+    "synchronous flush of the virtio disk) to insert the hook; under TCG every one of those I/Os and "
+    "the page copies pay emulated CPU"
+)
+
+
+def ms(x: float) -> str:
+    return f"{x:.0f}".replace("-0", "0") if round(x) == 0 else f"{x:.0f}"
+
+
+def latency_cell(stats: dict[str, float], runs: int) -> str:
+    """Median, with [min, max] when there was more than one run (differences can be negative)."""
+    med = ms(stats["median"])
+    return med if runs < 2 else f"{med} [{ms(stats['min'])}, {ms(stats['max'])}]"
+
+
+def latency_points(sl: dict[str, Any], series: str) -> list[dict[str, Any]]:
+    return [p for p in sl.get("points", []) if p["series"] == series]
+
+
+LATENCY_COLORS = {"setup": "tab:blue", "to_incremental": "tab:green", "to_snapshot": "tab:orange"}
+
+
+def plot_against_size(ax: Any, sl: dict[str, Any]) -> None:
+    """Each ioctl against volume size: solid with the fixed COW size, dashed with the default one."""
+    volume = latency_points(sl, "volume")
+    for falloc, line in ((sl.get("small_falloc_mib", 16), "-"), (0, "--")):
+        pts = sorted((p for p in volume if p["falloc_arg"] == falloc), key=lambda p: p["size_mib"])
+        label = f"-f {falloc}" if falloc else "-f 0 (10 %)"
+        for op, color in LATENCY_COLORS.items():
+            med = [p[op]["median"] for p in pts]
+            err = [[m - p[op]["min"] for m, p in zip(med, pts, strict=True)],
+                   [p[op]["max"] - m for m, p in zip(med, pts, strict=True)]]  # fmt: skip
+            ax.errorbar([p["size_mib"] for p in pts], med, yerr=err, color=color, linestyle=line,
+                        marker="o", markersize=4, capsize=3, label=f"{LATENCY_OPS[op]} {label}")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    sizes = sorted({p["size_mib"] for p in volume})
+    ax.set_xticks(sizes, [f"{s} MiB" if s < 1024 else f"{s // 1024} GiB" for s in sizes], fontsize=8)
+    ax.axhline(sl.get("target_ms", 200.0), color="black", linestyle=":", linewidth=1)
+    ax.set_xlabel("volume size")
+    ax.set_ylabel("ms (median; bars: min-max)")
+    ax.set_title("against volume size (dotted: 200 ms)", fontsize=10)
+    ax.legend(fontsize=6.5)
+
+
+def plot_against_dirty(ax: Any, sl: dict[str, Any]) -> None:
+    """Each ioctl against the MiB of buffered writes left dirty before setup-snapshot."""
+    pts = sorted(latency_points(sl, "dirty"), key=lambda p: p["dirty_mib"])
+    for op, color in LATENCY_COLORS.items():
+        med = [p[op]["median"] for p in pts]
+        err = [[m - p[op]["min"] for m, p in zip(med, pts, strict=True)],
+               [p[op]["max"] - m for m, p in zip(med, pts, strict=True)]]  # fmt: skip
+        ax.errorbar([p["dirty_mib"] for p in pts], med, yerr=err, color=color, marker="o", markersize=4,
+                    capsize=3, label=LATENCY_OPS[op])  # fmt: skip
+    ax.axhline(sl.get("target_ms", 200.0), color="black", linestyle=":", linewidth=1)
+    ax.set_xticks([p["dirty_mib"] for p in pts])
+    ax.set_xlabel(f"MiB of buffered writes not yet synced (on the {sl.get('dirty_volume_mib')} MiB volume)")
+    ax.set_title("against dirty page cache at setup (-f 16)", fontsize=10)
+    ax.legend(fontsize=7)
+
+
+def latency_plot(sl: dict[str, Any], plot_dir: Path) -> Path | None:
+    """Left: each ioctl against volume size; right: against dirty page cache."""
+    if not sl.get("points"):
+        return None
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    plot_against_size(left, sl)
+    plot_against_dirty(right, sl)
+    fig.tight_layout()
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    path = plot_dir / "snapshot_latency.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def reference_note(p: dict[str, Any]) -> str:
+    if "prealloc_ref" not in p:
+        return ""
+    return (
+        f" (the same {p['cow_setup_mib']:.0f} MiB preallocation done from user space alone takes "
+        f"{p['prealloc_ref']['median']:.0f} ms there)"
+    )
+
+
+def latency_verdict(sl: dict[str, Any]) -> list[str]:
+    """The 200 ms target, strictly (setup with -f 16, its 16 MiB preallocation included) and as the
+    issue words it (the same preallocation done from user space in the same cycle subtracted)."""
+    goal = sl.get("target_ms", 200.0)
+    small = [p for p in latency_points(sl, "volume") if p["falloc_arg"]]
+    if not small:
+        return ["- target not measured: no volume point with a fixed COW size"]
+    worst = max(small, key=lambda p: p["setup"]["median"])
+    worst_ms = worst["setup"]["median"]
+    met = worst_ms < goal
+    lines = [
+        f"- **target: setup-snapshot < {goal:.0f} ms plus the COW preallocation.** Strictly, setup-snapshot "
+        f"with -f {worst['falloc_arg']} (its {worst['cow_setup_mib']:.0f} MiB preallocation included) "
+        f"stays under {goal:.0f} ms on every size: **{'met' if met else 'not met'}** (slowest median "
+        f"{worst_ms:.0f} ms, at {worst['size_mib']} MiB)"
+        + ("" if met else f"; why: {WHY_SLOW_SETUP}{reference_note(worst)}")
+    ]
+    without = {
+        p["size_mib"]: p["setup_minus_prealloc"]["median"] for p in small if "setup_minus_prealloc" in p
+    }
+    if without:
+        worst_size, worst_ms = max(without.items(), key=lambda kv: kv[1])
+        spread = next(p["setup_minus_prealloc"] for p in small if p["size_mib"] == worst_size)
+        per_size = ", ".join(f"{ms(v)} ms at {size} MiB" for size, v in without.items())
+        ok = worst_ms < goal
+        runs = f"runs {ms(spread['min'])} to {ms(spread['max'])} ms"
+        notes = [f"slowest {ms(worst_ms)} ms at {worst_size} MiB, {runs}"]
+        if spread["min"] < goal < spread["max"]:
+            notes.append(f"so {goal:.0f} ms is within the runs' spread")
+        if not ok:
+            notes.append(
+                "what remains is the file system freeze with its flushes, the hook and the COW file's "
+                "creation and header, under TCG"
+            )
+        lines.append(
+            f"- as the issue words it, the preallocation subtracted (setup-snapshot with -f "
+            f"{worst['falloc_arg']} minus the same fallocate, zero-fill and fsync done from user space in "
+            f"the same cycle): {per_size}; under {goal:.0f} ms on every size: "
+            f"**{'met' if ok else 'not met'}** ({'; '.join(notes)})"
+        )
+    return lines
+
+
+def dirty_cost(dirty: list[dict[str, Any]]) -> list[str]:
+    """What each dirty MiB adds to setup-snapshot: the freeze writes it back before the hook goes in."""
+    pts = sorted(dirty, key=lambda p: p["dirty_mib"])
+    if len(pts) < 2 or pts[-1]["dirty_mib"] <= pts[0]["dirty_mib"]:
+        return []
+    extra_ms = pts[-1]["setup"]["median"] - pts[0]["setup"]["median"]
+    mib = pts[-1]["dirty_mib_before"] - pts[0]["dirty_mib_before"]
+    if extra_ms <= 0 or mib <= 0:
+        return []
+    return [
+        f"Each dirty MiB adds {extra_ms / mib:.1f} ms to setup-snapshot ({mib / (extra_ms / 1000):.0f} MiB/s "
+        f"of writeback, {pts[0]['dirty_mib']} to {pts[-1]['dirty_mib']} MiB): the freeze flushes them "
+        "before the hook goes in"
+        + (" (Dirty right after the ioctl: 0)" if pts[-1]["dirty_mib_after"] < 1 else "")
+        + "."
+    ]
+
+
+def render_snapshot_latency(sl: dict[str, Any], doc_path: Path, plot_dir: Path) -> list[str]:
+    runs = int(sl.get("repeat", 1))
+    md = [
+        "## Snapshot creation latency",
+        "",
+        f"`benchmarks/snapshot_latency.py`, one guest ({sl.get('guest_kernel', '?')}, "
+        f"{sl.get('guest_nproc', '?')} vCPU, {sl.get('guest_memory_mib', '?')} MiB, accelerator "
+        f"{str(sl.get('accel', '?')).split(',')[0].upper()}): each ioctl timed in the guest with "
+        "`time.perf_counter()` around pydbd's `Control` call (no Python start-up included), in one "
+        "cycle setup-snapshot, transition-to-incremental, transition-to-snapshot (new COW file, same "
+        "`-f`), then destroy and both COW files deleted. Volumes: ext4 (`mkfs.ext4 -q -F -O "
+        "^orphan_file`, lazy inode tables, mounted `noinit_itable`) on a partition of one sparse "
+        f"{sl.get('disk_mib', '?')} MiB virtio disk, or the whole disk for the largest size"
+        + (
+            f" (it took {sl['host_disk_allocated_mib']:.0f} MiB on the host)"
+            if "host_disk_allocated_mib" in sl
+            else ""
+        )
+        + f". Milliseconds, median of {runs} run{'s' if runs != 1 else ''}"
+        + (" ([min, max] in brackets)" if runs > 1 else " (one run per point, so noisy)")
+        + "; one unreported warm-up cycle first.",
+        "",
+        *latency_verdict(sl),
+        "",
+        f"Against volume size, with a fixed COW size (`-f {sl.get('small_falloc_mib', 16)}`) and with the "
+        "module default (`-f 0`: 10 % of the volume, preallocated and zero-filled by the ioctl). "
+        "The preallocation column is a reference timed in the same cycle after destroy: a file of the "
+        "COW file's size, `posix_fallocate`, written with zeros, `fsync`, from user space; the last "
+        "column is setup-snapshot minus it, per cycle:",
+        "",
+    ]
+    header = ["volume", "-f", "COW file MiB", *[f"{name} ms" for name in LATENCY_OPS.values()]]
+    header += ["preallocation from user space ms", "setup-snapshot minus it ms"]
+    rows = [
+        [f"{p['size_mib']} MiB", str(p["falloc_arg"]), f"{p['cow_setup_mib']:.1f}"]
+        + [latency_cell(p[op], p["runs"]) for op in LATENCY_OPS]
+        + [latency_cell(p["prealloc_ref"], p["runs"]), latency_cell(p["setup_minus_prealloc"], p["runs"])]
+        for p in latency_points(sl, "volume")
+    ]
+    md += [md_table(header, rows), ""]
+    prealloc = sl.get("preallocation", [])
+    if prealloc:
+        md += [
+            "The preallocation alone, derived across cycles: setup-snapshot with the default COW size minus "
+            "setup-snapshot with 16 MiB, same volume (a zero-fill rate only where the difference is 32 MiB "
+            "or more; negative where the default COW file is the smaller one):",
+            "",
+        ]
+        rows = [
+            [
+                f"{r['size_mib']} MiB",
+                f"{r['extra_cow_mib']:+.1f}",
+                f"{r['extra_setup_ms']:+.0f}",
+                fmt(r["zero_fill_mib_s"], 0),
+            ]
+            for r in prealloc
+        ]
+        md += [md_table(["volume", "COW MiB, default - 16", "setup ms, default - 16", "MiB/s"], rows), ""]
+    dirty = latency_points(sl, "dirty")
+    if dirty:
+        md += [
+            f"Against dirty page cache at setup time, on the {sl.get('dirty_volume_mib')} MiB volume with "
+            "`-f 16`: `dd` of buffered writes to a file of the volume, not synced, guest writeback held "
+            "off (`vm.dirty_*`); Dirty is /proc/meminfo's, read in the same process right before and "
+            "after setup-snapshot, whose freeze flushes it:",
+            "",
+        ]
+        header = [
+            "written MiB",
+            "Dirty before MiB",
+            "Dirty after MiB",
+            *[f"{n} ms" for n in LATENCY_OPS.values()],
+            "preallocation from user space ms",
+            "setup-snapshot minus it ms",
+        ]
+        rows = [
+            [str(p["dirty_mib"]), f"{p['dirty_mib_before']:.1f}", f"{p['dirty_mib_after']:.1f}"]
+            + [latency_cell(p[op], p["runs"]) for op in LATENCY_OPS]
+            + [latency_cell(p["prealloc_ref"], p["runs"]), latency_cell(p["setup_minus_prealloc"], p["runs"])]
+            for p in dirty
+        ]
+        md += [md_table(header, rows), "", *dirty_cost(dirty), ""]
+    path = latency_plot(sl, plot_dir)
+    if path:
+        md += [f"![snapshot creation latency]({os.path.relpath(path, doc_path.parent)})", ""]
+    if sl.get("kernel_findings"):
+        md += [f"**kernel findings on the guest console**: {sl['kernel_findings']}", ""]
+    return md
+
+
 def render_update_img(ui: dict[str, Any]) -> list[str]:
     md = [
         "## update-img against a full copy",
@@ -467,10 +739,23 @@ def render_boot(gb: dict[str, Any]) -> list[str]:
     return [*md, md_table(header, rows), ""]
 
 
+def kept_lines(doc: dict[str, Any]) -> list[str]:
+    """Which sections come from an earlier run (run with --only), and from which."""
+    lines = []
+    for key, e in doc["benchmarks"].items():
+        if "kept_from" in e:
+            k = e["kept_from"]
+            quick = " (quick)" if k.get("quick") else ""
+            lines.append(f"  - {key}: {k.get('date', '?')}, `{k.get('command', '?')}`{quick}")
+    return ["- kept from earlier runs (not run by this command):", *lines] if lines else []
+
+
 def render(doc: dict[str, Any], doc_path: Path, plot_dir: Path) -> None:
     meta = doc["meta"]
     cow = cow_results(doc)
-    accel = str(cow.get("accel", "?")).split(",")[0].upper() if cow else "not measured (no guest ran)"
+    sl = doc["benchmarks"].get("snapshot_latency", {}).get("results")
+    guest = cow or sl  # the guest benchmarks name the accelerator and the guest kernel
+    accel = str(guest.get("accel", "?")).split(",")[0].upper() if guest else "not measured (no guest ran)"
     md = [
         "# Benchmarks",
         "",
@@ -483,10 +768,11 @@ def render(doc: dict[str, Any], doc_path: Path, plot_dir: Path) -> None:
         f"- machine: {meta['nproc']} CPUs ({meta['cpu_model']}), host kernel {meta['host_kernel']}, "
         f"load average at start {' '.join(meta['loadavg_before'])}",
         f"- kernel target: {meta['kernel_target']}"
-        + (f" (guest kernel {cow['guest_kernel']})" if cow else ""),
+        + (f" (guest kernel {guest['guest_kernel']})" if guest else ""),
         f"- accelerator: {accel}",
         f"- date: {meta['date']}; source: {meta['git']}",
         f"- command: `{meta['command']}`" + (" (quick: small sizes, fewer runs)" if meta["quick"] else ""),
+        *kept_lines(doc),
         "",
     ]
     failed = [
@@ -509,6 +795,8 @@ def render(doc: dict[str, Any], doc_path: Path, plot_dir: Path) -> None:
         md += ["Not measured: cow_overhead did not run or produced no results.", ""]
     if cow:
         md += render_cow(cow, render_plots(cow, plot_dir), doc_path)
+    if sl:
+        md += render_snapshot_latency(sl, doc_path, plot_dir)
     ui = doc["benchmarks"].get("update_img", {}).get("results")
     if ui:
         md += render_update_img(ui)
@@ -520,6 +808,22 @@ def render(doc: dict[str, Any], doc_path: Path, plot_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- main
+
+
+def earlier_entries(out: Path, running: set[str]) -> dict[str, Any]:
+    """The entries of the benchmarks not run now from an earlier results file, so that the document
+    keeps their numbers; each remembers the run that produced it (`kept_from`)."""
+    try:
+        earlier = json.loads(out.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    meta = earlier.get("meta", {})
+    origin = {k: meta.get(k) for k in ("date", "command", "quick")}
+    kept = {}
+    for key, entry in earlier.get("benchmarks", {}).items():
+        if key not in running:
+            kept[key] = {**entry, "kept_from": entry.get("kept_from", origin)}
+    return kept
 
 
 def main(argv: list[str] | None = None, prog: str = "benchmarks/run") -> int:
@@ -546,15 +850,19 @@ def main(argv: list[str] | None = None, prog: str = "benchmarks/run") -> int:
         render(json.loads(args.out.read_text()), args.doc, plot_dir)
         print(f"rendered {args.doc} from {args.out}")
         return 0
-    wanted = [w.strip() for w in args.only.split(",") if w.strip()]
-    unknown = [w for w in wanted if w not in ONLY_NAMES]
+    # a benchmark by its --only name or by its key (snapshot-latency or snapshot_latency)
+    wanted = {ONLY_NAMES.get(w.strip(), w.strip()) for w in args.only.split(",") if w.strip()}
+    unknown = sorted(wanted - set(ONLY_NAMES.values()))
     if unknown:
         p.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(ONLY_NAMES)}")
     command = shlex.join([prog, *(sys.argv[1:] if argv is None else argv)])
-    doc: dict[str, Any] = {"meta": machine_meta(args, command), "benchmarks": {}}
+    doc: dict[str, Any] = {
+        "meta": machine_meta(args, command),
+        "benchmarks": earlier_entries(args.out, wanted),
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for b in benches(args.kernel):
-        if any(ONLY_NAMES[w] == b.key for w in wanted):
+        if b.key in wanted:
             doc["benchmarks"][b.key] = run_bench(b, args.quick, args.out.parent)
             args.out.write_text(json.dumps(doc, indent=2) + "\n")  # keep what we have if a later one dies
     doc["meta"]["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
