@@ -324,8 +324,17 @@ def test_raw_writes_while_dormant_are_tracked(module_guest: Guest, ext4_volume: 
     g.assert_no_kernel_findings()
 
 
+# Cache size of the reload: 0 is the default; 1 byte leaves room for no index section (spec 4.6), so
+# the reloaded index stays in the file and every section is read back when it is needed.
+RELOAD_CACHES = [
+    pytest.param(0, id="default-cache"),
+    pytest.param(1, id="1-byte-cache", marks=pytest.mark.deep),
+]
+
+
 @pytest.mark.guest_config(disks=TWO_DISKS)
-def test_reload_incremental_after_clean_reboot(module_guest: Guest, ext4_volume: Volume) -> None:
+@pytest.mark.parametrize("cache", RELOAD_CACHES)
+def test_reload_incremental_after_clean_reboot(module_guest: Guest, ext4_volume: Volume, cache: int) -> None:
     """A cleanly unmounted incremental survives a reboot: reload-incremental before the mount gives
     an unverified tracer (4); the rw mount activates it (2) with seqid, uuid and change count kept,
     and the update-img chain stays byte-exact across the reboot."""
@@ -340,11 +349,11 @@ def test_reload_incremental_after_clean_reboot(module_guest: Guest, ext4_volume:
     g.load_module()
     install_tools(g)
     g.check(f"mkdir -p {MNT} /backups && mount /dev/vdc /backups")
-    r = dbdctl(g, f"reload-incremental {vol.device} {COW_REL} 0")
+    r = dbdctl(g, f"reload-incremental -c {cache} {vol.device} {COW_REL} 0")
     assert r.rc == 0, r.stderr
     assert _state(g) == (4, 0)
     i = info(g, 0)
-    assert (i.cow, i.bdev) == (COW_REL, vol.device)
+    assert (i.cow, i.bdev, i.cache_size) == (COW_REL, vol.device, cache or 314572800)
     assert g.run("test -e /dev/datto0").rc != 0
 
     _mount(g, vol.device)
@@ -499,7 +508,8 @@ def test_other_unmounts_and_failed_umount_keep_active(module_guest: Guest, ext4_
     g.assert_no_kernel_findings()
 
 
-def test_reload_snapshot_after_clean_reboot(module_guest: Guest, ext4_volume: Volume) -> None:
+@pytest.mark.parametrize("cache", RELOAD_CACHES)
+def test_reload_snapshot_after_clean_reboot(module_guest: Guest, ext4_volume: Volume, cache: int) -> None:
     """A snapshot survives a clean reboot: reload-snapshot (5) before the mount, the read-write
     mount activates it (3) and /dev/datto0 is byte-identical to before the reboot, although the
     mount itself rewrote the ext4 superblock before activation (old data kept since the reload)."""
@@ -515,7 +525,7 @@ def test_reload_snapshot_after_clean_reboot(module_guest: Guest, ext4_volume: Vo
     g.reboot()
     g.load_module()
     install_tools(g)
-    r = dbdctl(g, f"reload-snapshot {vol.device} {COW_REL} 0")
+    r = dbdctl(g, f"reload-snapshot -c {cache} {vol.device} {COW_REL} 0")
     assert r.rc == 0, r.stderr
     assert _state(g) == (5, 0)
     assert g.run("test -e /dev/datto0").rc != 0, "no snapshot device while unverified (spec 3)"
