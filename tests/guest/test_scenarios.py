@@ -245,6 +245,47 @@ def test_incremental_chain_marks_every_changed_block(
     g.assert_no_kernel_findings()
 
 
+# -- scenario 2c: discard-heavy ---------------------------------------------------------------------
+
+
+@pytest.mark.deep
+@pytest.mark.parametrize(
+    "fs", [pytest.param("ext4", marks=EXT4_GUEST), pytest.param("xfs", marks=[pytest.mark.long, XFS_GUEST])]
+)
+def test_discard_heavy_workload_keeps_snapshot_and_change_list_exact(
+    request: pytest.FixtureRequest, module_guest: Guest, oracles: Oracles, seed: int, fs: str
+) -> None:
+    """Oracles 1 and 3 under online discard (`-o discard`, hole punching, truncation, deletion,
+    fstrim) on a disk that unmaps, so a discarded block reads back as zeros. In snapshot mode the
+    snapshot must not change (discards are completed without effect while it exists); in
+    incremental mode every discarded block that changed must be marked, so update-img stays exact."""
+    g, o, dev = module_guest, oracles, "/dev/vdb"
+    install_tools(g)
+    g.check(f"{MKFS[fs]} {dev} && mkdir -p {MNT} && mount -o discard {dev} {MNT}")
+    g.check("mkfs.ext4 -q -F -O ^orphan_file /dev/vdc && mkdir -p /backups && mount /dev/vdc /backups")
+    workloads.churn(o, f"{MNT}/base", seed, "/root/base.json")
+    _ok(g, f"setup-snapshot -f 64 {dev} {COW} 0")  # the first round's ~28 MiB, with room
+    g.check("dd if=/dev/datto0 of=/backups/img bs=1M status=none", timeout=600)
+    o.hash("/dev/datto0", "/root/h0")
+    workloads.discard_heavy(g, MNT, seed + 1)
+    drop_caches(g)
+    o.hash("/dev/datto0", "/root/h0b")
+    o.stability("/root/h0", "/root/h0b")
+    assert info(g, 0).error == 0, info(g, 0)
+
+    _ok(g, "transition-to-incremental 0")
+    workloads.churn(o, f"{MNT}/base", seed + 2, "/root/base1.json")  # rewrites, then frees
+    workloads.discard_heavy(g, MNT, seed + 3)
+    new_cow = f"{MNT}/.datto1"
+    _ok(g, f"transition-to-snapshot -f 48 {new_cow} 0")
+    o.hash("/dev/datto0", "/root/h1")
+    details = o.change_list("/root/h0", "/root/h1", COW)
+    request.node.user_properties.append(("precision", round(details["precision"], 3)))
+    o.update_img("/dev/datto0", COW, "/backups/img")
+    _ok(g, "destroy 0")
+    g.assert_no_kernel_findings()
+
+
 # -- scenario 2b: two tracked volumes at once ---------------------------------------------------------
 
 

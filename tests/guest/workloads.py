@@ -9,6 +9,7 @@ fstrim (the data disks are discard-capable).
 
 from __future__ import annotations
 
+import random
 import shlex
 from dataclasses import dataclass
 
@@ -94,3 +95,30 @@ def stop_background(g: Guest) -> None:
         "while pgrep -f 'guestlib churn|fio' >/dev/null; do sleep 0.2; done",
         timeout=120,
     )
+
+
+def discard_heavy(g: Guest, root: str, seed: int, rounds: int = 4, files: int = 8) -> None:
+    """A workload whose frees turn into discards, for a file system mounted with `-o discard`
+    (online discard: every freed extent is discarded at the next journal commit): per round, files
+    of 64 KiB to 2 MiB (about 7 MiB) written and fsynced, holes punched into half of them, some truncated, a third
+    deleted, then fstrim and sync. The data disks unmap on discard, so discarded blocks read back as
+    zeros: a discard changes what the device holds, like a write."""
+    rng = random.Random(seed)
+    d = f"{root}/discard-{seed}"
+    steps = [f"mkdir -p {d}"]
+    for rnd in range(rounds):
+        for i in range(files):
+            kib = rng.choice((64, 256, 1024, 2048))
+            steps.append(
+                f"dd if=/dev/urandom of={d}/f{rnd}-{i} bs=64k count={kib // 64} conv=fsync status=none"
+            )
+        for i in rng.sample(range(files), files // 2):
+            kib = rng.randrange(0, 2048, 4)
+            steps.append(f"fallocate -p -o {kib}KiB -l {rng.choice((4, 64, 512))}KiB {d}/f{rnd}-{i} || true")
+        for i in rng.sample(range(files), files // 4):
+            steps.append(f"truncate -s {rng.randrange(0, 64) * 4}K {d}/f{rnd}-{i}")
+        for i in rng.sample(range(files), files // 3):
+            steps.append(f"rm -f {d}/f{rnd}-{i}")
+        steps.append("sync")
+    steps.append(f"fstrim {root} && sync")
+    g.check(" && ".join(steps), timeout=900)
