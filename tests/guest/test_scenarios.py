@@ -121,8 +121,9 @@ def test_snapshot_is_stable_point_in_time_and_stored_exactly(
     _one_snapshot_under_churn(module_guest, oracles, seed, fstype, cache=0)
 
 
+# Not on the debug kernel in CI (700 s there); it passed there without a finding, and the
+# consistency machine, which does run there, sets up with 1-byte and 64 KiB caches.
 @pytest.mark.deep
-@pytest.mark.debugkernel  # sections are freed and read back all the time: KASAN watches
 @EXT4_GUEST
 def test_snapshot_with_a_one_byte_index_cache(module_guest: Guest, oracles: Oracles, seed: int) -> None:
     """Scenario 1 with cache size 1: the cache may hold no index section (spec 4.6), so the worker
