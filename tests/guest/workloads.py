@@ -100,9 +100,9 @@ def stop_background(g: Guest) -> None:
 def discard_heavy(g: Guest, root: str, seed: int, rounds: int = 4, files: int = 8) -> None:
     """A workload whose frees turn into discards, for a file system mounted with `-o discard`
     (online discard: every freed extent is discarded at the next journal commit): per round, files
-    of 64 KiB to 2 MiB (about 7 MiB) written and fsynced, holes punched into half of them, some truncated, a third
-    deleted, then fstrim and sync. The data disks unmap on discard, so discarded blocks read back as
-    zeros: a discard changes what the device holds, like a write."""
+    of 64 KiB to 2 MiB (about 7 MiB) written and fsynced, holes punched into half of them, some
+    truncated, a third deleted, then fstrim and sync. The data disks unmap on discard, so discarded
+    blocks read back as zeros: a discard changes what the device holds, like a write."""
     rng = random.Random(seed)
     d = f"{root}/discard-{seed}"
     steps = [f"mkdir -p {d}"]
