@@ -236,6 +236,15 @@ def test_correct_fake_driver_passes() -> None:
     assert env.boots > 0, "no example rebooted or cut the power"
 
 
+def test_derandomized_round_sets_up_tiny_index_caches() -> None:
+    """The CI round is derandomized; it must still set up snapshots whose index cache holds no
+    section, else the write-back and read-back paths would only run in random campaigns."""
+    for examples in (2, 4):  # the debug kernel's round and the others' (test_consistency_fuzz.py)
+        env = _env(boot_one_in=0)
+        gm.run_campaign(env, max_examples=examples, steps=15, derandomize=True)
+        assert env.small_caches > 0, f"{examples} examples"
+
+
 def test_boot_rules_are_off_by_default() -> None:
     env = gm.prepare(FakeGuest(FakeDriver()), "/dev/vdb", "/mnt/vol")
     gm.run_campaign(env, max_examples=20, steps=30)

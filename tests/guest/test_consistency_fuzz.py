@@ -70,7 +70,8 @@ def test_consistency_state_machine(
             break
     result = CampaignResult(env.examples, env.steps, time.monotonic() - start)
     print(
-        f"\n{target}: {result.line()}, {rounds} round(s), {env.client.calls} agent calls, {env.boots} boot(s)"
+        f"\n{target}: {result.line()}, {rounds} round(s), {env.client.calls} agent calls, "
+        f"{env.boots} boot(s), {env.small_caches} tiny index cache(s)"
     )
     request.node.user_properties.extend(
         [
@@ -78,6 +79,7 @@ def test_consistency_state_machine(
             ("fuzz_steps", env.steps),
             ("fuzz_seconds", round(result.seconds)),
             ("fuzz_boots", env.boots),
+            ("fuzz_tiny_caches", env.small_caches),
         ]
     )
     assert env.examples >= examples and env.steps > env.examples, "the machine ran no steps"
