@@ -35,12 +35,29 @@ warm-up pass of each job follows. The phases, in order:
 7. dm-snapshot, first writes: origin suspended, a ``snapshot`` target created over the same disk
    with a separate COW disk (/dev/vdc, persistent ``P``, chunk size 8 sectors = 4 KiB, like our
    4 KiB blocks), origin resumed; then each job once (every chunk written is copied first);
-8. dm-snapshot, rewrites: the same jobs again (every chunk already copied);
-9. baseline at end: snapshot and origin removed, the disk mounted directly again (second drift check).
+8. dm-snapshot, rewrites: the same jobs again (every chunk already copied); then the snapshot and
+   the origin are removed and the disk is mounted directly again;
+9. dm-thin, no snapshot: a thin pool on another scratch disk (split by two ``linear`` targets into
+   metadata and data, as LVM splits a physical volume into a pool's metadata and data volumes; block
+   size 128 sectors = 64 KiB, the smallest dm-thin allows and lvcreate's default for a pool this
+   size; block zeroing on, the kernel's and LVM's default), a thin volume of the tracked volume's size
+   in it, given the same file system and files the same way (mkfs, fio layout pass, sync, one
+   unreported warm-up pass), mounted at /mnt/thin; nothing shared yet;
+10. dm-thin, first writes: the thin volume suspended (which freezes the file system), an internal
+   snapshot taken (``create_snap``, not activated: lvcreate marks thin snapshots to skip activation
+   too), resumed; then each job once: every 64 KiB block first written after the snapshot is shared
+   and gets a new block (copied first unless the write covers the whole block);
+11. dm-thin, rewrites: the same jobs again (every block already unshared); then everything removed;
+12. baseline at end (second drift check).
 
-``--no-dm`` skips phases 6 to 9. The dm COW disk gets as much room as our COW preallocation, and
-its fill (``dmsetup status``) is recorded; an overflowed (invalid) snapshot stops the benchmark,
-because its later writes would no longer be copied.
+``--no-dm`` skips phases 6 to 8, ``--no-thin`` phases 9 to 11 (phase 12 runs if either ran). The dm
+COW disk gets as much room as our COW preallocation, and its fill (``dmsetup status``) is recorded;
+an overflowed (invalid) snapshot stops the benchmark, because its later writes would no longer be
+copied. The thin pool's data gets twice the thin volume's size (``--thin-data``), so it can never
+run out (the volume fully written, then fully unshared); its fill is recorded, and a pool that is
+not read-write (out of data space, failed) stops the benchmark. No thin-provisioning-tools are
+needed: dmsetup creates the pool on a zeroed metadata device and the kernel formats it; only LVM
+runs thin_check at activation.
 
 Then setup-snapshot latency: median of ``--setup-rounds`` setup/destroy cycles with a small fixed
 ``-f`` (timed around the dbdctl command in the guest, which includes the guest Python start-up, and
@@ -48,12 +65,14 @@ around the ioctl alone), with the preallocation the module reports (info falloc_
 
 Targets reported against (nothing is asserted): bandwidth ratio to the baseline for first writes
 >= 0.3 and above dm-snapshot's first-write ratio, rewrites >= 0.9, incremental >= 0.95;
-setup-snapshot < 200 ms plus the COW preallocation. Every ratio, dm-snapshot's included, is the
+setup-snapshot < 200 ms plus the COW preallocation; dm-thin's first-write ratio is reported beside
+dm-snapshot's (no target: its unit of copy differs, see above). Every ratio, the peers' included, is the
 median of the phase's paired ratios (see above); with ``--no-pair``, the ratio to the median of all
 runs of the three untracked series (at the start, after destroy, at the end). The noise reported is
 how far the untracked phases' ratios stray from 1.
 
-    .venv/bin/python benchmarks/cow_overhead.py [--target debian-6.1] [--repeat 3] [--no-dm] [--json out.json]
+    .venv/bin/python benchmarks/cow_overhead.py [--target debian-6.1] [--repeat 3] [--no-dm] [--no-thin]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -89,6 +108,18 @@ MIB = 1024 * 1024
 TARGETS = {"snapshot first write": 0.3, "snapshot rewrite": 0.9, "incremental": 0.95}
 # Our first writes must also beat this phase's ratio (same job, same run).
 PEER_FIRST_WRITE = "dm-snapshot first write"
+THIN_FIRST_WRITE = "dm-thin first write"
+# Every peer's first-write phase, reported beside ours (key in the JSON: phase).
+PEERS = {"dm_snapshot": PEER_FIRST_WRITE, "dm_thin": THIN_FIRST_WRITE}
+
+# dm-thin: a pool on one scratch disk split into metadata and data, one thin volume, one snapshot.
+THIN_MNT = "/mnt/thin"
+THIN_META, THIN_DATA = "bench-thin-meta", "bench-thin-data"
+THIN_POOL, THIN_VOL = "bench-pool", "bench-thin"
+THIN_META_MIB = 16  # thin_metadata_size puts a few MiB for this pool; LVM's minimum is 2 MiB
+THIN_BLOCK_SECTORS = 128  # 64 KiB
+THIN_ORIGIN_ID, THIN_SNAP_ID = 0, 1
+METADATA_BLOCK = 4096  # dm-thin metadata block size (dmsetup status counts these)
 SETUP_TARGET_MS = 200.0
 
 
@@ -125,6 +156,8 @@ class FioResult:
     paired_p50: tuple[float, ...] = ()
     paired_p99: tuple[float, ...] = ()
     ref_mib_s: tuple[float, ...] = ()
+    # every reference run's bandwidth, in order: a one-run phase's mean hides a slow run before it
+    ref_runs_mib_s: tuple[float, ...] = ()
 
 
 @dataclass
@@ -145,6 +178,20 @@ class DmState:
     used_sectors: int
     total_sectors: int
     metadata_sectors: int
+
+
+@dataclass
+class ThinState:
+    """`dmsetup status` of the thin pool: used/total data blocks (THIN_BLOCK_SECTORS each) and
+    metadata blocks (4 KiB each), and its mode (rw unless out of space or failed)."""
+
+    phase: str
+    status: str
+    data_used_blocks: int
+    data_total_blocks: int
+    metadata_used_blocks: int
+    metadata_total_blocks: int
+    mode: str
 
 
 @dataclass
@@ -271,6 +318,7 @@ def run_jobs(
                 paired_p50=tuple(pair_ratio(a.clat_p50_us, [b.clat_p50_us for b in bs]) for a, bs in pairs),
                 paired_p99=tuple(pair_ratio(a.clat_p99_us, [b.clat_p99_us for b in bs]) for a, bs in pairs),
                 ref_mib_s=tuple(statistics.fmean(b.bw_mib_s for b in bs) for _, bs in pairs),
+                ref_runs_mib_s=tuple(b.bw_mib_s for _, bs in pairs for b in bs),
             )
         )
     return out
@@ -384,7 +432,94 @@ def bench_dm(g: Guest, args: argparse.Namespace, jobs: tuple[Job, ...], results:
     fio += run_jobs(g, "dm-snapshot rewrite", jobs, rt, rep, pair, timed)
     dm.append(dm_status(g, "after rewrites"))
     dm_teardown(g)
-    fio += run_jobs(g, "baseline at end", jobs, rt, rep, pair, timed)
+
+
+# ---------------------------------------------------------------- dm-thin snapshot (the second peer)
+
+
+def sectors(mib: int) -> int:
+    return mib * MIB // 512
+
+
+def thin_status(g: Guest, phase: str) -> ThinState:
+    """Parse the pool's `0 LEN thin-pool TID META_USED/TOTAL DATA_USED/TOTAL ROOT MODE ...`; a failed
+    pool prints `Fail`, a full one `out_of_data_space` (its writes queue, then fail): stop then."""
+    line = run(g, f"dmsetup status {THIN_POOL}").stdout.strip()
+    f = line.split()
+    if len(f) < 8 or f[2] != "thin-pool" or "/" not in f[4] or "/" not in f[5] or f[7] != "rw":
+        raise BenchError(
+            f"thin pool {THIN_POOL} is not read-write {phase} (dmsetup status: {line!r}); its data "
+            "is probably too small for the data written: raise --thin-data"
+        )
+    meta_used, meta_total = f[4].split("/")
+    data_used, data_total = f[5].split("/")
+    return ThinState(phase, line, int(data_used), int(data_total), int(meta_used), int(meta_total), f[7])
+
+
+def thin_pool_create(g: Guest, disk: str, data_mib: int) -> None:
+    """The pool as LVM builds it: metadata and data on one disk (two linear targets), metadata
+    zeroed first so that the kernel formats it (no thin-provisioning-tools involved)."""
+    run(g, "modprobe dm-thin-pool")
+    meta, data = f"/dev/mapper/{THIN_META}", f"/dev/mapper/{THIN_DATA}"
+    run(g, f'dmsetup create {THIN_META} --table "0 {sectors(THIN_META_MIB)} linear {disk} 0"')
+    run(
+        g,
+        f'dmsetup create {THIN_DATA} --table "0 {sectors(data_mib)} linear {disk} {sectors(THIN_META_MIB)}"',
+    )
+    run(g, f"dd if=/dev/zero of={meta} bs=1M count={THIN_META_MIB} oflag=direct status=none")
+    # low water mark 0: it only raises a dm event for an autoextend daemon, and none runs here
+    table = f"0 {sectors(data_mib)} thin-pool {meta} {data} {THIN_BLOCK_SECTORS} 0"
+    run(g, f'dmsetup create {THIN_POOL} --table "{table}"')
+
+
+def thin_volume_create(g: Guest, size_mib: int) -> str:
+    """A thin volume of the tracked volume's size in the pool; returns its device."""
+    run(g, f'dmsetup message {THIN_POOL} 0 "create_thin {THIN_ORIGIN_ID}"')
+    table = f"0 {sectors(size_mib)} thin /dev/mapper/{THIN_POOL} {THIN_ORIGIN_ID}"
+    run(g, f'dmsetup create {THIN_VOL} --table "{table}"')
+    return f"/dev/mapper/{THIN_VOL}"
+
+
+def thin_create_snapshot(g: Guest) -> float:
+    """An internal snapshot as lvcreate takes one: suspend the origin (flushes and freezes the file
+    system), send create_snap to the pool, resume. Returns the wall time of the three commands, in ms."""
+    msg = f'dmsetup message {THIN_POOL} 0 "create_snap {THIN_SNAP_ID} {THIN_ORIGIN_ID}"'
+    cmd = f"dmsetup suspend {THIN_VOL} && {msg} && dmsetup resume {THIN_VOL}"
+    return last_ms(run(g, ms_now_cmd(f"{{ {cmd}; }}"), timeout=300))
+
+
+def thin_teardown(g: Guest) -> None:
+    run(g, f"umount {THIN_MNT}")
+    names = (THIN_VOL, THIN_POOL, THIN_DATA, THIN_META)
+    run(g, " && ".join(f"dmsetup remove {n}" for n in names), timeout=300)
+
+
+def bench_thin(g: Guest, args: argparse.Namespace, jobs: tuple[Job, ...], results: dict[str, Any]) -> None:
+    fio: list[FioResult] = results["fio"]
+    thin: list[ThinState] = []
+    results["thin"] = thin
+    rep, pair = args.repeat, args.paired
+    rt, timed = (args.time_based, True) if args.time_based else (args.runtime, False)
+    print(
+        f"dm-thin: pool on {args.thin_dev} ({THIN_META_MIB} MiB metadata, {args.thin_data} MiB data, "
+        f"{THIN_BLOCK_SECTORS // 2} KiB blocks), thin volume of {args.disk} MiB ...",
+        flush=True,
+    )
+    thin_pool_create(g, args.thin_dev, args.thin_data)
+    make_volume(g, thin_volume_create(g, args.disk), THIN_MNT, jobs, args.runtime)
+    thin.append(thin_status(g, "after layout"))
+    thin_jobs = tuple(on_volume(j, THIN_MNT) for j in jobs)
+    # like the tracked volume, the first passes after the layout are not reported
+    run_jobs(g, "dm-thin warm-up (not reported)", thin_jobs, rt, 1, pair, timed)
+    fio += run_jobs(g, "dm-thin, no snapshot", thin_jobs, rt, rep, pair, timed)
+    run(g, "sync")
+    results["thin_create_ms"] = thin_create_snapshot(g)
+    thin.append(thin_status(g, "after create_snap"))
+    fio += run_jobs(g, THIN_FIRST_WRITE, thin_jobs, 0, 1, pair)  # uncapped: only the first pass unshares
+    thin.append(thin_status(g, "after first writes"))
+    fio += run_jobs(g, "dm-thin rewrite", thin_jobs, rt, rep, pair, timed)
+    thin.append(thin_status(g, "after rewrites"))
+    thin_teardown(g)
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -397,22 +532,24 @@ def cow_mib_needed(jobs: tuple[Job, ...], disk_mib: int) -> int:
     return sum(j.size_mib for j in jobs) + index_mib + 64
 
 
+def make_volume(g: Guest, dev: str, mnt: str, jobs: tuple[Job, ...], runtime: int) -> None:
+    """ext4 without lazy init (no background writes), mounted at mnt, the jobs' files laid out with
+    data; every volume of the benchmark is made by this, so they hold the same files the same way."""
+    run(g, f"mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 {dev}", timeout=300)
+    run(g, f"mkdir -p {mnt} && mount {dev} {mnt}")
+    print("laying out " + ", ".join(f"{on_volume(j, mnt).filename} ({j.size_mib} MiB)" for j in jobs))
+    for job in jobs:
+        layout = f"--rw=write --bs=1M --size={job.size_mib}M --direct=1 --output-format=json"
+        run(g, f"fio --name=layout --filename={on_volume(job, mnt).filename} {layout}", timeout=runtime + 300)
+    run(g, "sync")
+
+
 def bench(g: Guest, args: argparse.Namespace, results: dict[str, Any]) -> None:
     jobs, runtime, rep = make_jobs(args.seq_size, args.rand_size), args.runtime, args.repeat
     results["jobs"] = [asdict(j) for j in jobs]
     volumes = [(DEV, MNT)] + ([(args.ref_dev, REF_MNT)] if args.paired else [])
     for dev, mnt in volumes:
-        run(g, f"mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 {dev}", timeout=300)
-        run(g, f"mkdir -p {mnt} && mount {dev} {mnt}")
-        print("laying out " + ", ".join(f"{on_volume(j, mnt).filename} ({j.size_mib} MiB)" for j in jobs))
-        for job in jobs:
-            layout = f"--rw=write --bs=1M --size={job.size_mib}M --direct=1 --output-format=json"
-            run(
-                g,
-                f"fio --name=layout --filename={on_volume(job, mnt).filename} {layout}",
-                timeout=runtime + 300,
-            )
-    run(g, "sync")
+        make_volume(g, dev, mnt, jobs, runtime)
     fio: list[FioResult] = []
     tracer: list[TracerState] = []
     results["fio"], results["tracer"] = fio, tracer
@@ -443,6 +580,10 @@ def bench(g: Guest, args: argparse.Namespace, results: dict[str, Any]) -> None:
 
     if args.dm:
         bench_dm(g, args, jobs, results)
+    if args.thin:
+        bench_thin(g, args, jobs, results)
+    if args.dm or args.thin:
+        fio += run_jobs(g, "baseline at end", jobs, rt, rep, pair, timed)
 
 
 # ---------------------------------------------------------------- report
@@ -517,6 +658,7 @@ def case_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 or (ratio(r.clat_p99_us, b.clat_p99_us) if b else None),
                 "paired_bw": list(r.paired_bw),
                 "ref_mib_s": list(r.ref_mib_s),
+                "ref_runs_mib_s": list(r.ref_runs_mib_s),
                 "target": TARGETS.get(r.phase),
             }
         )
@@ -524,15 +666,18 @@ def case_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def first_write_vs_peer(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per job: our first-write bandwidth ratio against dm-snapshot's, in the same run."""
-    rows = case_rows(results)
-    ours = {r["job"]: r["bw_ratio"] for r in rows if r["phase"] == "snapshot first write"}
-    peer = {r["job"]: r["bw_ratio"] for r in rows if r["phase"] == PEER_FIRST_WRITE}
-    out = {}
-    for job, mine in ours.items():
-        theirs = peer.get(job)
-        better = None if mine is None or theirs is None else mine > theirs
-        out[job] = {"ours": mine, "dm_snapshot": theirs, "better": better}
+    """Per job: our first-write bandwidth ratio and each peer's (None: not run), in the same run,
+    and whether ours is above it (better_than_<peer>)."""
+    ratios = {(r["phase"], r["job"]): r["bw_ratio"] for r in case_rows(results)}
+    out: dict[str, dict[str, Any]] = {}
+    for (phase, job), mine in ratios.items():
+        if phase != "snapshot first write":
+            continue
+        out[job] = {"ours": mine}
+        for key, peer_phase in PEERS.items():
+            theirs = ratios.get((peer_phase, job))
+            out[job][key] = theirs
+            out[job][f"better_than_{key}"] = None if mine is None or theirs is None else mine > theirs
     return out
 
 
@@ -565,12 +710,13 @@ def print_report(results: dict[str, Any]) -> None:
             f"noise (untracked phases' ratios from 1) {ref.noise:.0%})"
         )
     for job, cmp in first_write_vs_peer(results).items():
-        if cmp["dm_snapshot"] is not None:
-            verdict = "better" if cmp["better"] else "NOT better"
-            print(
-                f"first writes, {job}: ours {cmp['ours']:.2f} vs dm-snapshot {cmp['dm_snapshot']:.2f} "
-                f"of baseline: {verdict}"
-            )
+        for key, phase in PEERS.items():
+            if cmp[key] is not None:
+                verdict = "better" if cmp[f"better_than_{key}"] else "NOT better"
+                print(
+                    f"first writes, {job}: ours {cmp['ours']:.2f} vs {phase.split()[0]} {cmp[key]:.2f} "
+                    f"of baseline: {verdict}"
+                )
     for d in results.get("dm", []):
         print(
             f"dm-snapshot {d.phase}: COW {d.used_sectors * 512 / MIB:.1f} of "
@@ -578,6 +724,16 @@ def print_report(results: dict[str, Any]) -> None:
         )
     if "dm_create_ms" in results:
         print(f"dm-snapshot suspend + create + resume: {results['dm_create_ms']:.0f} ms")
+    block = THIN_BLOCK_SECTORS * 512
+    for t in results.get("thin", []):
+        print(
+            f"dm-thin pool {t.phase}: data {t.data_used_blocks * block / MIB:.1f} of "
+            f"{t.data_total_blocks * block / MIB:.1f} MiB used, metadata "
+            f"{t.metadata_used_blocks * METADATA_BLOCK / MIB:.2f} of "
+            f"{t.metadata_total_blocks * METADATA_BLOCK / MIB:.1f} MiB, {t.mode}"
+        )
+    if "thin_create_ms" in results:
+        print(f"dm-thin suspend + create_snap + resume: {results['thin_create_ms']:.0f} ms")
     for t in results.get("tracer", []):
         print(
             f"tracer {t.phase}: state {t.state} error {t.error} nr_changed_blocks {t.nr_changed_blocks} "
@@ -636,9 +792,29 @@ def to_json(results: dict[str, Any]) -> dict[str, Any]:
         if r.job in refs and refs[r.job].bw_mib_s
     }
     out["targets"] = {**TARGETS, "setup_ms": SETUP_TARGET_MS, "first write above": PEER_FIRST_WRITE}
+    out["reported_beside"] = list(PEERS.values())
     out["cases"] = case_rows(results)
     out["first_write_vs_dm"] = first_write_vs_peer(results)
     return out
+
+
+def data_disks(args: argparse.Namespace) -> list[DiskSpec]:
+    """The data disks in guest order (/dev/vdb, /dev/vdc, ...): the tracked volume, the dm-snapshot
+    COW disk, the thin pool's disk, the reference volume; sets args.thin_dev and args.ref_dev."""
+    disks: list[DiskSpec] = []
+
+    def add(size_mib: int) -> str:
+        disks.append(DiskSpec(size_mib))
+        return f"/dev/vd{chr(ord('a') + len(disks))}"
+
+    add(args.disk)
+    if args.dm and add(args.dm_cow) != DM_COW_DEV:
+        raise AssertionError(f"the dm-snapshot COW disk must be {DM_COW_DEV}")
+    if args.thin:
+        args.thin_dev = add(THIN_META_MIB + args.thin_data)
+    if args.paired:
+        args.ref_dev = add(args.disk)
+    return disks
 
 
 def module_messages(g: Guest) -> list[str]:
@@ -666,6 +842,10 @@ def main() -> int:
         help="repeatable phases: every run lasts S seconds, looping over its file (default: one pass)",
     )
     p.add_argument("--no-dm", dest="dm", action="store_false", help="skip the dm-snapshot phases")
+    p.add_argument("--no-thin", dest="thin", action="store_false", help="skip the dm-thin phases")
+    p.add_argument(
+        "--thin-data", type=int, default=None, help="dm-thin pool data MiB (default: twice --disk)"
+    )
     p.add_argument(
         "--no-pair",
         dest="paired",
@@ -678,6 +858,8 @@ def main() -> int:
     args = p.parse_args()
     if args.dm_cow is None:
         args.dm_cow = cow_mib_needed(make_jobs(args.seq_size, args.rand_size), args.disk)
+    if args.thin_data is None:
+        args.thin_data = 2 * args.disk
 
     results: dict[str, Any] = {"target": args.target, "repeat": args.repeat, "runtime_cap_s": args.runtime}
     results["sizes_mib"] = {"seq": args.seq_size, "rand": args.rand_size, "disk": args.disk}
@@ -685,12 +867,14 @@ def main() -> int:
     results["time_based_s"] = args.time_based
     if args.dm:
         results["sizes_mib"]["dm_cow"] = args.dm_cow
+    if args.thin:
+        results["sizes_mib"]["thin_data"] = args.thin_data
+        results["sizes_mib"]["thin_metadata"] = THIN_META_MIB
+        results["thin_block_kib"] = THIN_BLOCK_SECTORS // 2
+        results["thin_block_zeroing"] = True
     load_before = Path("/proc/loadavg").read_text().strip()
     print(f"host: nproc {os.cpu_count()}, loadavg before: {load_before}")
-    disks = [DiskSpec(args.disk)] + ([DiskSpec(args.dm_cow)] if args.dm else [])
-    args.ref_dev = f"/dev/vd{chr(ord('b') + len(disks))}"  # the reference volume's disk comes last
-    if args.paired:
-        disks.append(DiskSpec(args.disk))
+    disks = data_disks(args)
     g = Guest(target=args.target, disks=disks, module=False, name="bench-cow-overhead")
     failed = True
     try:
