@@ -424,6 +424,10 @@ int cow_cache_trim(struct cow_store *c, bool write_dirty, bool tracked)
 	for (s = 0; s < c->nsect && n < c->nresident; s++)
 		if (c->sections[s] && (write_dirty || !test_bit(s, c->dirty)))
 			v[n++] = (struct cow_victim){ .hits = c->hits[s], .s = s };
+	if (!n) {		/* incremental mode, every resident section dirty: kept till finalize */
+		kvfree(v);
+		return 0;
+	}
 	sort(v, n, sizeof(*v), cow_victim_cmp, NULL);
 	keep = min(limit, c->nresident / 2);
 	nv = min(n, c->nresident - keep);
