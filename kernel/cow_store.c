@@ -234,6 +234,20 @@ bool cow_dev_region(struct cow_store *c, sector_t s, u64 *fsect)
 	return false;
 }
 
+/*
+ * Submit what @bb holds, drop ext_mutex (taken by the caller to map file
+ * offsets) and wait: the first error of mapping (@err) or of the I/O.
+ */
+static int cow_submit_unlock_wait(struct cow_store *c, struct dbd_bb *bb, struct dbd_io *io, int err)
+{
+	int e;
+
+	dbd_bb_submit(bb);
+	mutex_unlock(&c->ext_mutex);
+	e = dbd_io_wait(io);
+	return err ? err : e;
+}
+
 /* ---- index cache ------------------------------------------------------------ */
 
 /* is block @b preserved (snapshot) or recorded (incremental)?  Lockless, any context */
@@ -290,7 +304,7 @@ static int cow_section_load(struct cow_store *c, u64 s)
 	struct dbd_io io;
 	struct dbd_bb bb;
 	u64 *sec = cow_section_alloc();
-	int err = 0, e;
+	int err = 0;
 
 	if (!sec)
 		return -ENOMEM;
@@ -298,11 +312,7 @@ static int cow_section_load(struct cow_store *c, u64 s)
 	dbd_bb_init(&bb, c->bdev, REQ_OP_READ, &io);
 	mutex_lock(&c->ext_mutex);
 	cow_section_add(c, &bb, s, (u8 *)sec, &err);
-	dbd_bb_submit(&bb);
-	mutex_unlock(&c->ext_mutex);
-	e = dbd_io_wait(&io);
-	if (!err)
-		err = e;
+	err = cow_submit_unlock_wait(c, &bb, &io, err);
 	if (err) {
 		kvfree(sec);
 		LOG_ERROR(err, "error reading cow index section %llu back from the file", s);
@@ -412,7 +422,7 @@ int cow_cache_trim(struct cow_store *c, bool write_dirty, bool tracked)
 	unsigned int noio;
 	u64 limit = READ_ONCE(c->max_resident), keep, n = 0, nv, s, i;
 	bool wrote = false;
-	int err = 0, e;
+	int err = 0;
 
 	if (c->nresident <= limit)
 		return 0;
@@ -442,11 +452,7 @@ int cow_cache_trim(struct cow_store *c, bool write_dirty, bool tracked)
 			wrote = true;
 		}
 	}
-	dbd_bb_submit(&bb);
-	mutex_unlock(&c->ext_mutex);
-	e = dbd_io_wait(&io);
-	if (!err)
-		err = e;
+	err = cow_submit_unlock_wait(c, &bb, &io, err);
 	if (err) {
 		LOG_ERROR(err, "error writing back cow index sections");
 		kvfree(v);
@@ -1061,14 +1067,7 @@ int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tr
 	for (s = 0; s < c->nsect && !err; s++)
 		if (c->sections[s])
 			cow_section_add(c, &bb, s, (u8 *)c->sections[s], &err);
-	dbd_bb_submit(&bb);
-	mutex_unlock(&c->ext_mutex);
-	{
-		int e = dbd_io_wait(&io);
-
-		if (!err)
-			err = e;
-	}
+	err = cow_submit_unlock_wait(c, &bb, &io, err);
 	if (err) {
 		LOG_ERROR(err, "error writing cow index");
 		return err;
@@ -1132,14 +1131,7 @@ int cow_write_header(struct cow_store *c, u32 flags, bool tracked)
 	bb.tracked = tracked;
 	mutex_lock(&c->ext_mutex);
 	err = cow_bb_add_file(c, &bb, 0, hp, 0, PAGE_SIZE);
-	dbd_bb_submit(&bb);
-	mutex_unlock(&c->ext_mutex);
-	{
-		int e = dbd_io_wait(&io);
-
-		if (!err)
-			err = e;
-	}
+	err = cow_submit_unlock_wait(c, &bb, &io, err);
 	__free_page(hp);
 	if (err)
 		LOG_ERROR(err, "error writing cow header");
