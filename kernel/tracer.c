@@ -223,6 +223,43 @@ static int dbd_check_free(unsigned int minor)
 	return 0;
 }
 
+static void dbd_teardown(struct dbd_tracer *tr);
+
+/*
+ * First step of every request that makes a tracer (setup, reload): the minor
+ * must be free, then a new tracer holds the block device open.  On failure
+ * nothing is left behind.
+ */
+static int dbd_tracer_open(unsigned int minor, const char *bdev_path, struct dbd_tracer **out)
+{
+	struct dbd_tracer *tr;
+	int err = dbd_check_free(minor);
+
+	if (err)
+		return err;
+	tr = dbd_tracer_alloc(minor);
+	if (!tr)
+		return -ENOMEM;
+	err = dbd_bdev_open(bdev_path, &tr->bh);
+	if (err) {
+		LOG_ERROR(err, "error opening block device '%s'", bdev_path);
+		dbd_teardown(tr);
+		dbd_tracer_put(tr);
+		return err;
+	}
+	tr->bdev = tr->bh.bdev;
+	*out = tr;
+	return 0;
+}
+
+/* Last step: the tracer is complete; its minor now answers requests. */
+static void dbd_tracer_publish(struct dbd_tracer *tr, unsigned long state)
+{
+	tr->state = state;
+	dbd_minors[tr->minor] = tr;
+	dbd_lifecycle_track(1);
+}
+
 static bool dbd_writable_mounted(struct block_device *bdev)
 {
 	struct super_block *sb = dbd_bdev_super(bdev);
@@ -714,18 +751,9 @@ int dbd_setup_snap(unsigned int minor, const char *bdev_path, const char *cow_pa
 	u8 uuid[16];
 	int err;
 
-	err = dbd_check_free(minor);
+	err = dbd_tracer_open(minor, bdev_path, &tr);
 	if (err)
 		return err;
-	tr = dbd_tracer_alloc(minor);
-	if (!tr)
-		return -ENOMEM;
-	err = dbd_bdev_open(bdev_path, &tr->bh);
-	if (err) {
-		LOG_ERROR(err, "error opening block device '%s'", bdev_path);
-		goto fail;
-	}
-	tr->bdev = tr->bh.bdev;
 	if (!dbd_writable_mounted(tr->bdev)) {
 		err = -EINVAL;
 		LOG_ERROR(err, "block device '%s' is not mounted writable", bdev_path);
@@ -766,28 +794,22 @@ int dbd_setup_snap(unsigned int minor, const char *bdev_path, const char *cow_pa
 	cow_set_cache(tr->cow, dbd_cache_size(tr));
 	err = dbd_snapdev_create(tr);
 	if (err)
-		goto fail_cow;
+		goto fail;
 	err = dbd_start_worker(tr, true);
 	if (err)
-		goto fail_cow;
+		goto fail;
 	err = dbd_install_snapshot(tr);
 	if (err)
-		goto fail_cow;
+		goto fail;
 	err = dbd_snapdev_add(tr);
 	if (err)
-		goto fail_cow;
-	tr->state = DBD_STATE_SNAPSHOT | DBD_STATE_ACTIVE;
-	dbd_minors[minor] = tr;
-	dbd_lifecycle_track(1);
+		goto fail;
+	dbd_tracer_publish(tr, DBD_STATE_SNAPSHOT | DBD_STATE_ACTIVE);
 	LOG_DEBUG("setup snapshot minor %u on %s, cow %s", minor, tr->bdev_path, tr->cow_path);
 	return 0;
 
-fail_cow:
-	dbd_teardown(tr);	/* deletes the new cow file */
-	dbd_tracer_put(tr);
-	return err;
 fail:
-	dbd_teardown(tr);
+	dbd_teardown(tr);	/* deletes the new cow file, if made */
 	dbd_tracer_put(tr);
 	return err;
 }
@@ -804,18 +826,9 @@ int dbd_reload(unsigned int minor, const char *bdev_path, const char *cow_path,
 	struct dbd_tracer *tr;
 	int err;
 
-	err = dbd_check_free(minor);
+	err = dbd_tracer_open(minor, bdev_path, &tr);
 	if (err)
 		return err;
-	tr = dbd_tracer_alloc(minor);
-	if (!tr)
-		return -ENOMEM;
-	err = dbd_bdev_open(bdev_path, &tr->bh);
-	if (err) {
-		LOG_ERROR(err, "error opening block device '%s'", bdev_path);
-		goto fail;
-	}
-	tr->bdev = tr->bh.bdev;
 	if (dbd_writable_mounted(tr->bdev)) {
 		err = -EINVAL;
 		LOG_ERROR(err, "reload: block device '%s' is already mounted writable", bdev_path);
@@ -841,9 +854,7 @@ int dbd_reload(unsigned int minor, const char *bdev_path, const char *cow_path,
 		err = dbd_hook_add(tr);
 	if (err)
 		goto fail;
-	tr->state = DBD_STATE_UNVERIFIED | (snap ? DBD_STATE_SNAPSHOT : 0);
-	dbd_minors[minor] = tr;
-	dbd_lifecycle_track(1);
+	dbd_tracer_publish(tr, DBD_STATE_UNVERIFIED | (snap ? DBD_STATE_SNAPSHOT : 0));
 	return 0;
 fail:
 	dbd_teardown(tr);
