@@ -82,13 +82,14 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.guestcmd import BenchError, run
+from benchmarks.guestcmd import BenchError, boot_and_describe, finish_guest, run
 from harness.errors import GuestCommandError, GuestError
 from harness.guest import CommandResult, Guest
 from harness.qemu import DiskSpec
@@ -414,23 +415,63 @@ def dm_teardown(g: Guest) -> None:
     run(g, f"mount {DEV} {MNT}")
 
 
+PeerState = TypeVar("PeerState")
+
+
+@dataclass(frozen=True)
+class PeerPhases(Generic[PeerState]):
+    """How one peer is driven through the phases every peer goes through alike."""
+
+    untracked: str  # fio label of the runs before the snapshot
+    created: str  # status phase right after the snapshot is taken
+    first_write: str  # fio label of the first (copying) pass
+    rewrite: str  # fio label of the passes after it
+    take_snapshot: Callable[[Guest], float]  # returns its wall time in ms
+    status: Callable[[Guest, str], PeerState]
+
+
+def fio_runtime(args: argparse.Namespace) -> tuple[int, bool]:
+    """(seconds, time_based) of a timed fio pass: --time-based wins over --runtime."""
+    return (args.time_based, True) if args.time_based else (args.runtime, False)
+
+
+def run_peer(
+    g: Guest, args: argparse.Namespace, jobs: tuple[Job, ...], fio: list[FioResult],
+    states: list[PeerState], peer: PeerPhases[PeerState],
+) -> float:  # fmt: skip
+    """Untracked passes, the snapshot (timed, after a sync), one uncapped first-write pass (only the
+    first pass copies), then the rewrite passes; the peer's status after each. Returns the ms the
+    snapshot took."""
+    rep, pair = args.repeat, args.paired
+    rt, timed = fio_runtime(args)
+    fio += run_jobs(g, peer.untracked, jobs, rt, rep, pair, timed)
+    run(g, "sync")
+    create_ms = peer.take_snapshot(g)
+    states.append(peer.status(g, peer.created))
+    fio += run_jobs(g, peer.first_write, jobs, 0, 1, pair)
+    states.append(peer.status(g, "after first writes"))
+    fio += run_jobs(g, peer.rewrite, jobs, rt, rep, pair, timed)
+    states.append(peer.status(g, "after rewrites"))
+    return create_ms
+
+
+DM_PHASES = PeerPhases(
+    "dm-origin, no snapshot",
+    "after create",
+    PEER_FIRST_WRITE,
+    "dm-snapshot rewrite",
+    dm_create_snapshot,
+    dm_status,
+)
+
+
 def bench_dm(g: Guest, args: argparse.Namespace, jobs: tuple[Job, ...], results: dict[str, Any]) -> None:
-    fio: list[FioResult] = results["fio"]
     dm: list[DmState] = []
     results["dm"] = dm
-    rep, pair = args.repeat, args.paired
-    rt, timed = (args.time_based, True) if args.time_based else (args.runtime, False)
     print(f"dm-snapshot: origin over {DEV}, COW device {DM_COW_DEV} ({args.dm_cow} MiB) ...", flush=True)
     run(g, "sync")
     dm_mount_origin(g)
-    fio += run_jobs(g, "dm-origin, no snapshot", jobs, rt, rep, pair, timed)
-    run(g, "sync")
-    results["dm_create_ms"] = dm_create_snapshot(g)
-    dm.append(dm_status(g, "after create"))
-    fio += run_jobs(g, PEER_FIRST_WRITE, jobs, 0, 1, pair)  # uncapped: only the first pass copies
-    dm.append(dm_status(g, "after first writes"))
-    fio += run_jobs(g, "dm-snapshot rewrite", jobs, rt, rep, pair, timed)
-    dm.append(dm_status(g, "after rewrites"))
+    results["dm_create_ms"] = run_peer(g, args, jobs, results["fio"], dm, DM_PHASES)
     dm_teardown(g)
 
 
@@ -494,12 +535,19 @@ def thin_teardown(g: Guest) -> None:
     run(g, " && ".join(f"dmsetup remove {n}" for n in names), timeout=300)
 
 
+THIN_PHASES = PeerPhases(
+    "dm-thin, no snapshot",
+    "after create_snap",
+    THIN_FIRST_WRITE,
+    "dm-thin rewrite",
+    thin_create_snapshot,
+    thin_status,
+)
+
+
 def bench_thin(g: Guest, args: argparse.Namespace, jobs: tuple[Job, ...], results: dict[str, Any]) -> None:
-    fio: list[FioResult] = results["fio"]
     thin: list[ThinState] = []
     results["thin"] = thin
-    rep, pair = args.repeat, args.paired
-    rt, timed = (args.time_based, True) if args.time_based else (args.runtime, False)
     print(
         f"dm-thin: pool on {args.thin_dev} ({THIN_META_MIB} MiB metadata, {args.thin_data} MiB data, "
         f"{THIN_BLOCK_SECTORS // 2} KiB blocks), thin volume of {args.disk} MiB ...",
@@ -510,15 +558,9 @@ def bench_thin(g: Guest, args: argparse.Namespace, jobs: tuple[Job, ...], result
     thin.append(thin_status(g, "after layout"))
     thin_jobs = tuple(on_volume(j, THIN_MNT) for j in jobs)
     # like the tracked volume, the first passes after the layout are not reported
-    run_jobs(g, "dm-thin warm-up (not reported)", thin_jobs, rt, 1, pair, timed)
-    fio += run_jobs(g, "dm-thin, no snapshot", thin_jobs, rt, rep, pair, timed)
-    run(g, "sync")
-    results["thin_create_ms"] = thin_create_snapshot(g)
-    thin.append(thin_status(g, "after create_snap"))
-    fio += run_jobs(g, THIN_FIRST_WRITE, thin_jobs, 0, 1, pair)  # uncapped: only the first pass unshares
-    thin.append(thin_status(g, "after first writes"))
-    fio += run_jobs(g, "dm-thin rewrite", thin_jobs, rt, rep, pair, timed)
-    thin.append(thin_status(g, "after rewrites"))
+    rt, timed = fio_runtime(args)
+    run_jobs(g, "dm-thin warm-up (not reported)", thin_jobs, rt, 1, args.paired, timed)
+    results["thin_create_ms"] = run_peer(g, args, thin_jobs, results["fio"], thin, THIN_PHASES)
     thin_teardown(g)
 
 
@@ -878,11 +920,7 @@ def main() -> int:
     g = Guest(target=args.target, disks=disks, module=False, name="bench-cow-overhead")
     failed = True
     try:
-        g.boot()
-        argv = g.command_line
-        results["accel"] = argv[argv.index("-accel") + 1] if "-accel" in argv else "?"
-        results["guest_kernel"] = run(g, "uname -r").stdout.strip()
-        results["guest_nproc"] = run(g, "nproc").stdout.strip()
+        boot_and_describe(g, results)
         results["fio_version"] = run(g, "fio --version").stdout.strip()
         print(
             f"accelerator: {results['accel'].upper()}; guest kernel {results['guest_kernel']}, "
@@ -900,12 +938,7 @@ def main() -> int:
         except Exception:  # the guest may be gone
             pass
     finally:
-        try:
-            g.finish(test_failed=failed, artifact_dir=None)
-        except GuestError as e:  # KernelWarningError: kernel findings on the console
-            print(f"\nkernel findings: {e}", file=sys.stderr)
-            results["kernel_findings"] = str(e)
-            failed = True
+        failed = finish_guest(g, failed, results)
     load_after = Path("/proc/loadavg").read_text().strip()
     results["loadavg_before"], results["loadavg_after"] = load_before, load_after
     print_report(results)

@@ -47,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.guestcmd import BenchError
+from benchmarks.guestcmd import BenchError, boot_and_describe, finish_guest
 from benchmarks.guestcmd import run as guest_run
 from harness.errors import GuestCommandError, GuestError
 from harness.guest import CommandResult, Guest
@@ -345,11 +345,7 @@ def main() -> int:
     )
     failed = True
     try:
-        g.boot()
-        argv = g.command_line
-        results["accel"] = argv[argv.index("-accel") + 1] if "-accel" in argv else "?"
-        results["guest_kernel"] = run(g, "uname -r").stdout.strip()
-        results["guest_nproc"] = run(g, "nproc").stdout.strip()
+        boot_and_describe(g, results)
         print(f"accelerator {results['accel'].upper()}, guest kernel {results['guest_kernel']}, "
               f"{disk_mib} MiB sparse data disk, boot {g.boot_seconds:.1f} s")  # fmt: skip
         g.load_module(debug=0)
@@ -361,12 +357,7 @@ def main() -> int:
     except (BenchError, GuestCommandError, GuestError) as e:
         print(f"\nFAILED: {e}", file=sys.stderr)
     finally:
-        try:
-            g.finish(test_failed=failed, artifact_dir=None)
-        except GuestError as e:  # KernelWarningError: kernel findings on the console
-            print(f"\nkernel findings: {e}", file=sys.stderr)
-            results["kernel_findings"] = str(e)
-            failed = True
+        failed = finish_guest(g, failed, results)
     results["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
     print_report(results)
     if "host_disk_allocated_mib" in results:
