@@ -29,6 +29,7 @@ import os
 import zlib
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -175,8 +176,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 # Longest-first scheduling: with 2 xdist workers a long test started last leaves one worker idle
 # for minutes. Guest tests are ordered by their last known duration (kept in the harness cache,
-# outside the checkout); unknown ones count as long, so new tests start early.
+# outside the checkout, over a seed committed in ci/ so that a cold cache schedules as well);
+# unknown ones count as long, so new tests start early.
 DURATIONS_FILE = "guest-test-durations.json"
+DURATIONS_SEED = Path(__file__).resolve().parents[1] / "ci" / DURATIONS_FILE
 UNKNOWN_DURATION = 90.0
 _DURATIONS = pytest.StashKey[dict[str, float]]()
 
@@ -187,12 +190,17 @@ def _durations_path() -> Any:
     return cache_dir() / DURATIONS_FILE
 
 
-def _load_durations() -> dict[str, float]:
+def _read_durations(path: Path) -> dict[str, float]:
     try:
-        data = json.loads(_durations_path().read_text())
+        data = json.loads(path.read_text())
         return {str(k): float(v) for k, v in data.items()}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError):
         return {}
+
+
+def _load_durations() -> dict[str, float]:
+    """The seed's durations, overridden by those this machine measured."""
+    return {**_read_durations(DURATIONS_SEED), **_read_durations(_durations_path())}
 
 
 def _longest_first(items: list[pytest.Item]) -> None:

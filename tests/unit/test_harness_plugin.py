@@ -190,3 +190,31 @@ def test_guest_tests_run_longest_first_by_last_known_duration(
     names = [line.split("::")[1] for line in res.stdout.lines if line.startswith("test_o.py::")]
     # host tests first, then guests: 300 s, unknown (counts as 90 s), 5 s
     assert names == ["test_host", "test_long[debian-6.1]", "test_new[debian-6.1]", "test_short[debian-6.1]"]
+
+
+def test_durations_seed_orders_a_cold_cache_and_the_cache_overrides_it(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import harness.pytest_plugin as plugin
+
+    seed = tmp_path / "seed.json"
+    seed.write_text(
+        json.dumps({"test_o.py::test_new[debian-6.1]": 400.0, "test_o.py::test_long[debian-6.1]": 300.0})
+    )
+    monkeypatch.setattr(plugin, "DURATIONS_SEED", seed)
+    monkeypatch.setenv("DBD_CACHE_DIR", str(tmp_path / "cache"))
+    pytester.makeconftest('pytest_plugins = ["harness.pytest_plugin"]')
+    pytester.makepyfile(test_o=ORDER_TESTS)
+
+    def order() -> list[str]:
+        res = pytester.runpytest_inprocess("--kernel", "debian-6.1", "--collect-only", "-q")
+        return [line.split("::")[1] for line in res.stdout.lines if line.startswith("test_o.py::")]
+
+    # no cache yet: the seed alone orders them (test_short unknown: 90 s)
+    assert order() == ["test_host", "test_new[debian-6.1]", "test_long[debian-6.1]", "test_short[debian-6.1]"]
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "guest-test-durations.json").write_text(
+        json.dumps({"test_o.py::test_new[debian-6.1]": 1.0})
+    )
+    # what this machine measured wins over the seed
+    assert order() == ["test_host", "test_long[debian-6.1]", "test_short[debian-6.1]", "test_new[debian-6.1]"]
