@@ -21,8 +21,10 @@ Commands:
   cow-structure COW SNAPSHOT [--sectors N] [--written FILE] [--exact] [--seqid N] [--uuid HEX]
   fsck DEV --fstype T
   replay-check LOG TARGET --image IMG --cow PATH --sectors N [--points N] [--after-mark M]
-               [--manifest M --manifest-dir D]   write-point replay (guestlib.logwrites): fsck, COW
-                                                 file clean-and-valid or dirty, fsynced files kept
+               [--manifest M --manifest-dir D] [--fstype ext4|xfs]
+                                                 write-point replay (guestlib.logwrites): journal
+                                                 replayed, fsck, COW file clean-and-valid or dirty,
+                                                 fsynced files kept
   cow-corrupt CLEAN OUTDIR --seed S --blocks N  corrupt copies of a clean COW file (guestlib.cowcorrupt)
   ioctl-fuzz --seed S --calls N --bdev DEV --cow-dir DIR [--other PATH]... [--unprivileged]
              [--max-minor M]                    bad-input fuzzing of /dev/datto-ctl (guestlib.ioctlfuzz);
@@ -181,23 +183,38 @@ def _cmd_fsck(a: argparse.Namespace) -> int:
     return _emit(oracles.fsck(a.dev, a.fstype).to_json())
 
 
+def _replay_journal(image: str, fstype: str, mountpoint: str) -> str | None:
+    """Bring a crashed image's journal up to date as the next mount would; None, or what failed.
+    ext4: e2fsck replays it (exit 1 = fixed). XFS has no offline log replay: a read-write mount
+    recovers the log, the unmount leaves it clean for xfs_repair -n (nouuid: a copy's UUID)."""
+    if fstype == "ext4":
+        r = subprocess.run(["e2fsck", "-E", "journal_only", "-y", image], capture_output=True, text=True)
+        return f"e2fsck exit {r.returncode}" if r.returncode > 1 else None
+    r = subprocess.run(["mount", "-o", "loop,nouuid", image, mountpoint], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"mount exit {r.returncode}: {r.stderr.strip()}"
+    subprocess.run(["umount", mountpoint], check=True)
+    return None
+
+
 def _check_point(a: argparse.Namespace, index: int, report: logwrites.PointReport) -> None:
     """One crash point: replay the journal on a copy, fsck it, check the COW file and the manifest."""
     findings = report.findings if report.findings is not None else []
     report.findings = findings
     where = f"crash point after log entry {index}"
     subprocess.run(["cp", "--sparse=always", a.target, a.image], check=True)
-    journal = subprocess.run(["e2fsck", "-E", "journal_only", "-y", a.image], capture_output=True, text=True)
-    if journal.returncode > 1:
-        findings.append(f"{where}: journal replay failed (e2fsck exit {journal.returncode})")
+    os.makedirs(a.mountpoint, exist_ok=True)
+    subprocess.run(["modprobe", "loop"], check=True)
+    failed = _replay_journal(a.image, a.fstype, a.mountpoint)
+    if failed:
+        findings.append(f"{where}: journal replay failed ({failed})")
         return
-    check = oracles.fsck(a.image, "ext4")
+    check = oracles.fsck(a.image, a.fstype)
     if not check.ok:
         findings.append(f"{where}: origin inconsistent: {check.message}")
         return
-    os.makedirs(a.mountpoint, exist_ok=True)
-    subprocess.run(["modprobe", "loop"], check=True)
-    subprocess.run(["mount", "-o", "ro,loop,noload", a.image, a.mountpoint], check=True)
+    ro = "ro,loop,noload" if a.fstype == "ext4" else "ro,loop,nouuid"
+    subprocess.run(["mount", "-o", ro, a.image, a.mountpoint], check=True)
     try:
         cow = os.path.join(a.mountpoint, a.cow.lstrip("/"))
         if not os.path.exists(cow):
@@ -338,6 +355,7 @@ def _parser() -> argparse.ArgumentParser:
     p = add("replay-check", _cmd_replay_check, "log", "target")
     p.add_argument("--image", required=True, help="scratch copy of the target per point (e.g. on tmpfs)")
     p.add_argument("--mountpoint", default="/mnt/replay")
+    p.add_argument("--fstype", choices=("ext4", "xfs"), default="ext4")
     p.add_argument("--cow", required=True, help="the COW file's path inside the filesystem")
     p.add_argument("--sectors", type=int, required=True, help="the origin's size in 512-byte sectors")
     p.add_argument("--points", type=int, default=12, help="at most this many crash points, spread evenly")

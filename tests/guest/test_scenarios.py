@@ -608,19 +608,27 @@ def test_io_error_fails_the_tracer_and_the_origin_keeps_working(
 # -- scenario 5: write-point replay (dm-log-writes, fstests generic/482 style) -----------------------
 
 
-@pytest.mark.guest_config(disks=[DiskSpec(128), DiskSpec(768), DiskSpec(128)])
+# origin, log, replay target; XFS needs 300 MiB (mkfs.xfs's minimum)
+REPLAY_EXT4 = pytest.mark.guest_config(disks=[DiskSpec(128), DiskSpec(768), DiskSpec(128)])
+REPLAY_XFS = pytest.mark.guest_config(disks=[DiskSpec(320), DiskSpec(768), DiskSpec(320)])
+
+
+@pytest.mark.parametrize(
+    "fstype",
+    [pytest.param("ext4", marks=REPLAY_EXT4), pytest.param("xfs", marks=[pytest.mark.deep, REPLAY_XFS])],
+)
 def test_every_flush_point_is_consistent_and_the_cow_file_clean_or_refused(
-    module_guest: Guest, oracles: Oracles, seed: int
+    module_guest: Guest, oracles: Oracles, seed: int, fstype: str
 ) -> None:
     """Record every write below the tracked filesystem with dm-log-writes through snapshot, incremental
     and snapshot periods and an unmount; rebuild the device at sampled FLUSH/FUA points. At each: the
-    journal replays, fsck is clean, files fsynced before setup are intact, and the COW file is
-    either not CLEAN (a reload refuses it) or CLEAN and valid."""
+    journal (XFS: the log) replays, fsck is clean, files fsynced before setup are intact, and the COW
+    file is either not CLEAN (a reload refuses it) or CLEAN and valid."""
     g, o = module_guest, oracles
     sectors = device_sectors(g, "/dev/vdb")
     g.check(f"modprobe dm-log-writes && dmsetup create lw --table '0 {sectors} log-writes /dev/vdb /dev/vdc'")
     dev = "/dev/mapper/lw"
-    _prepare(g, dev, "ext4")  # mkfs is in the log too: the replay starts from the zeroed /dev/vdd
+    _prepare(g, dev, fstype)  # mkfs is in the log too: the replay starts from the zeroed /dev/vdd
     small = workloads.Sizes(churn_ops=60, churn_bytes=4 << 20)
     workloads.churn(o, f"{MNT}/pre", seed, "/root/pre.json", small)
     g.check("sync && dmsetup message lw 0 mark setup")
@@ -636,6 +644,7 @@ def test_every_flush_point_is_consistent_and_the_cow_file_clean_or_refused(
     result = o.replay_check(
         "/dev/vdc", "/dev/vdd", "--image", "/tmp/point.img", "--cow", "/.datto", "--sectors", sectors,
         "--points", 10, "--after-mark", "setup", "--manifest", "/root/pre.json", "--manifest-dir", "/pre",
+        "--fstype", fstype,
     )  # fmt: skip
     print(result["message"])
     assert result["cow_dirty"] > 0, f"no crash point saw the active (dirty) COW file: {result['message']}"
