@@ -14,7 +14,8 @@ absolute paths are the same when dattobd.ko is later built against it:
     <artifact>/modules    lib/modules/<release>, depmod'ed, like a binary target's kernel artifact
     <artifact>/build.log  make's output, and build-time.txt the seconds each step took
 
-The config is x86_64_defconfig + kvm_guest.config + the target's fragment of vmimages/kconfig/;
+The config is allnoconfig + kvm_guest.config + the target's fragment of vmimages/kconfig/ (the
+fragment names everything the guest needs, a 64-bit SMP kernel included);
 every option of the fragment must survive `olddefconfig` as written, else the build fails and
 names the options (a fragment that silently lost KASAN would make a debug target that is not).
 """
@@ -34,7 +35,7 @@ from .matrix import Target
 from .progress import Progress
 
 # Bump when the build steps or the artifact layout change.
-SRCKERNEL_FORMAT = 2
+SRCKERNEL_FORMAT = 3
 KCONFIG_DIR = Path(__file__).with_name("kconfig")
 MOUNT_POINT = "/kbuild"
 # Kept in <artifact>/out after the build: everything but these (object files and their command
@@ -142,7 +143,7 @@ def build_source_kernel(target: Target, chroot: Path, tmp: Path, progress: Progr
     shutil.rmtree(work)
     step(
         "configure",
-        f"{mk} x86_64_defconfig && {mk} kvm_guest.config && "
+        f"{mk} allnoconfig && {mk} kvm_guest.config && "
         f"cd {MOUNT_POINT}/out && {MOUNT_POINT}/src/scripts/kconfig/merge_config.sh -m -O . "
         f".config fragment.config && {mk} olddefconfig",
     )
