@@ -202,10 +202,17 @@ class Console:
         return False
 
     def kill(self) -> None:
-        """SIGKILL QEMU and wait for the pump to drain the rest of its output."""
+        """SIGKILL QEMU and wait for the pump to drain the rest of its output. The whole process
+        group goes: the console's end of the pty reads EOF only once no process holds the other end."""
         if self.child.isalive():
             self.killed = True
-            self.child.kill(9)
+            try:
+                if os.getpgid(self.child.pid) == self.child.pid:  # its own group (pexpect's setsid)
+                    os.killpg(self.child.pid, 9)
+                else:
+                    self.child.kill(9)
+            except ProcessLookupError:
+                pass
         self._thread.join(timeout=5)
         self.reap()
 
