@@ -20,12 +20,10 @@ import pytest
 from fuzz.guest_machine import DISK_MIB, CampaignResult, prepare, run_campaign
 from harness import artifacts
 from harness.guest import Guest
-from harness.images import is_debug_target
 from harness.pytest_plugin import Volume
 from harness.qemu import DiskSpec
 
 EXAMPLES_PER_ROUND = int(os.environ.get("DBD_FUZZ_EXAMPLES", "4"))
-DEBUG_KERNEL_EXAMPLES = 2  # a debug kernel is several times slower under TCG
 RANDOM = os.environ.get("DBD_FUZZ_RANDOM") == "1"
 # Examples start in any tracer mode (setup and transition recorded as steps): 15 steps keep the
 # derandomized CI round as long as the 20 steps it had before the backup/update-img checks.
@@ -48,8 +46,6 @@ def test_consistency_state_machine(
 ) -> None:
     env = prepare(module_guest, ext4_volume.device, ext4_volume.mountpoint, boot_one_in=BOOT_ONE_IN)
     examples = EXAMPLES_PER_ROUND
-    if is_debug_target(target) and "DBD_FUZZ_EXAMPLES" not in os.environ:
-        examples = DEBUG_KERNEL_EXAMPLES
     export_dir = Path(os.environ.get("DBD_REGRESSIONS_DIR") or artifacts.test_dir(request.node.nodeid))
     minutes = float(os.environ.get("DBD_FUZZ_MINUTES", "0"))
     deadline = time.monotonic() + minutes * 60
