@@ -227,7 +227,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if hasattr(session.config, "workerinput"):
         return
     seen = session.config.stash.get(_DURATIONS, {})
-    seen = {k: v for k, v in seen.items() if "[debian-" in k}
+    seen = {k: v for k, v in seen.items() if "[debian-" in k or "-debian-" in k}  # guest tests
     if not seen:
         return
     merged = {**_load_durations(), **{k: round(v, 1) for k, v in seen.items()}}
