@@ -254,7 +254,7 @@ class ConsistencyMachine(RuleBasedStateMachine):
 
     # -- a clean slate per example ------------------------------------------------------------
     # The first choice of a strategy is what the examples Hypothesis tries first (the short
-    # derandomized CI round: 2 examples on the debug kernel) and shrinks to: a snapshot with a
+    # derandomized CI round: 4 examples on every kernel) and shrinks to: a snapshot with a
     # 1-byte cache, which holds no index section (spec 4.6), so that write-back and read-back run in
     # every round. 0 (the default cache) is what every other guest test uses.
     @initialize(
