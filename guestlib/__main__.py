@@ -41,9 +41,10 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from guestlib import blockhash, churn, cowcorrupt, ioctlfuzz, logwrites, oracles, signed
+from guestlib import agent, blockhash, churn, cowcorrupt, ioctlfuzz, logwrites, oracles, signed
 from pydbd import cow as cowfmt
 
 EXIT_OK = 0
@@ -175,8 +176,25 @@ def _cmd_cow_structure(a: argparse.Namespace) -> int:
         exact_written=a.exact,
         expected_seqid=a.seqid,
         expected_uuid=bytes.fromhex(a.uuid) if a.uuid else None,
+        own_extents=_own_extents(a.cow, a.snapshot),
     )
     return _emit(result.to_json())
+
+
+def _own_extents(cow: str, snapshot: str) -> list[tuple[int, int]]:
+    """The COW file's extents on its block device when that device is the snapshot's origin (the
+    same size), as the oracle must then leave the file's own sectors out; none for a copy elsewhere."""
+    dev = os.stat(cow).st_dev
+    try:
+        dev_sectors = int(Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/size").read_text())
+    except (OSError, ValueError):
+        return []
+    fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        snap_sectors = blockhash.device_size(fd) // oracles.SECTOR
+    finally:
+        os.close(fd)
+    return agent.fiemap_extents(cow) if dev_sectors == snap_sectors else []
 
 
 def _cmd_fsck(a: argparse.Namespace) -> int:

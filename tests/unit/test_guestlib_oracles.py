@@ -262,6 +262,29 @@ def test_cow_structure_catches_a_wrong_data_block(tmp_path: Path) -> None:
     assert "entry of block 9 maps data block" in result.message
 
 
+def test_cow_structure_leaves_out_the_cow_files_own_sectors_of_a_straddling_block(tmp_path: Path) -> None:
+    """A 1 KiB-block filesystem can place the COW file so that a 4 KiB block straddles it: the
+    preserved copy's first KiB then holds what the file held at the first write, the snapshot shows
+    the file as it was when taken. Only the rest of the block must match."""
+    snapshot = _image(tmp_path / "snapshot", 0)
+    data = {b: cow.pattern_block(b, 0) for b in WRITTEN}
+    data[9] = b"\xaa" * 1024 + data[9][1024:]  # sectors 0-1 of block 9: the COW file's own bytes
+    path = tmp_path / "cow"
+    cow.build_cow_file(path, SECTORS, changes=data, uuid=UUID)
+    own = [(9 * 4096 - 3072, 4096)]  # the file's extent ends 1 KiB into block 9
+    assert oracles.own_sectors_mask(9, own) == 0b11
+    assert oracles.own_sectors_mask(8, own) == 0b11111100
+    assert oracles.own_sectors_mask(10, own) == 0
+    assert not oracles.cow_structure(path, snapshot, written=WRITTEN).ok
+    result = oracles.cow_structure(path, snapshot, written=WRITTEN, own_extents=own)
+    assert result.ok, result.message
+    # outside the file's own sectors a difference still fails
+    data[9] = b"\xaa" * 2048 + data[9][2048:]
+    cow.build_cow_file(path, SECTORS, changes=data, uuid=UUID)
+    result = oracles.cow_structure(path, snapshot, written=WRITTEN, own_extents=own)
+    assert not result.ok and result.first_block == 9
+
+
 def test_cow_structure_catches_a_wrong_nr_changed_blocks(tmp_path: Path) -> None:
     path, snapshot = _snapshot_cow(tmp_path, nr_changed_blocks=len(WRITTEN) + 1)
     result = oracles.cow_structure(path, snapshot, written=WRITTEN)
