@@ -309,15 +309,6 @@ static int cmp_u64(const void *a, const void *b)
 }
 
 /*
- * Preserve ctx->blks (all marked PENDING): read the old data from the
- * origin, write it to fresh slots of the COW file, wait, then publish the
- * index entries.  Only after this returns are the original writes released,
- * so every COW write has *completed* before the overwriting write is even
- * submitted.  That also keeps FLUSH/FUA semantics: a flush/FUA write that
- * follows can only be submitted after the data it may overwrite was copied,
- * and the COW data lives on the same device, so a later flush covers it.
- */
-/*
  * Bytes of block @b on the origin: a whole block, or what exists of a partial
  * last block, whose copy in @pg is padded with zeros (a read past the end of
  * the device would fail).
@@ -337,7 +328,50 @@ static unsigned int dbd_origin_bytes(struct dbd_tracer *tr, u64 b, struct page *
 	return n;
 }
 
-static int dbd_preserve(struct dbd_tracer *tr, struct cow_store *c, struct dbd_wctx *x)
+/* a write whose completion promises durability of what completed before it */
+static bool dbd_bio_orders(struct bio *bio)
+{
+	return bio->bi_opf & (REQ_PREFLUSH | REQ_FUA);
+}
+
+static void dbd_release_write(struct dbd_tracer *tr, struct bio *bio, bool wait_reads);
+
+/*
+ * Once the old data of every block they cover is in memory, the held writes
+ * may reach the origin while that data is still on its way to the COW file:
+ * the overwrite no longer destroys anything the snapshot needs, snapshot
+ * reads are served by this worker only after the COW write completed, and a
+ * crash before it completes leaves the COW file dirty (active), which reload
+ * refuses to trust.  Writes carrying PREFLUSH or FUA stay held: their
+ * completion must imply that the COW data of earlier writes is durable.
+ */
+static void dbd_release_unordered(struct dbd_tracer *tr, struct bio_list *held)
+{
+	struct bio_list ordered;
+	struct bio *bio;
+
+	bio_list_init(&ordered);
+	while ((bio = bio_list_pop(held))) {
+		if (dbd_bio_orders(bio))
+			bio_list_add(&ordered, bio);
+		else
+			dbd_release_write(tr, bio, true);
+	}
+	*held = ordered;
+}
+
+/*
+ * Preserve x->blks (all marked PENDING): read the old data from the origin,
+ * write it to fresh slots of the COW file, wait, then publish the index
+ * entries.  @early, when given, holds writes whose blocks are all covered by
+ * this round or earlier ones: they are released as soon as the old data is
+ * read (see dbd_release_unordered), so the origin write overlaps the COW
+ * write instead of following it.  Everything else is released only after
+ * this returns, when the COW data has *completed*; the COW data lives on the
+ * same device, so a later flush covers it.
+ */
+static int dbd_preserve(struct dbd_tracer *tr, struct cow_store *c, struct dbd_wctx *x,
+			struct bio_list *early)
 {
 	struct dbd_io io;
 	struct dbd_bb bb;
@@ -390,6 +424,8 @@ static int dbd_preserve(struct dbd_tracer *tr, struct cow_store *c, struct dbd_w
 	err = dbd_io_wait(&io);
 	if (err)
 		goto out;
+	if (early)
+		dbd_release_unordered(tr, early);
 
 	dbd_io_init(&io);
 	dbd_bb_init(&bb, tr->bdev, REQ_OP_WRITE, &io);
@@ -455,17 +491,21 @@ static void dbd_process_writes(struct dbd_tracer *tr, struct bio_list *in, struc
 		for (b = b0; b <= b1 && b < tr->nblocks && !err; b++) {
 			if (cow_mapped(c, b) || cow_entry_peek(c, b))
 				continue;	/* preserved, or pending in this batch */
+			/* a full chunk goes now; the last one may release writes early */
+			if (x->n == DBD_CHUNK) {
+				err = dbd_preserve(tr, c, x, NULL);
+				if (err)
+					break;
+			}
 			err = cow_entry_set(c, b, COW_PENDING);
 			if (err)
 				break;
 			x->blks[x->n++] = b;
-			if (x->n == DBD_CHUNK)
-				err = dbd_preserve(tr, c, x);
 		}
 		bio_list_add(&held, bio);
 	}
 	if (!err && x->n)
-		err = dbd_preserve(tr, c, x);
+		err = dbd_preserve(tr, c, x, &held);
 	if (err) {
 		unsigned int i;
 
