@@ -14,8 +14,9 @@ target when `--kernel all` (what CI runs) and every chosen kernel otherwise, so 
 runs everything on it. The other kernels' deep instances are deselected, and the header says so.
 
 Long runs: tests marked `long` (volumes of gigabytes, minutes-long races and soaks: many minutes
-each under TCG) run only with `--long` (or DBD_LONG=1): the nightly workflow and campaigns, not the
-per-change CI. Without it they are deselected and the header says how many.
+each under TCG) run only with `--long` (or DBD_LONG=1). `./run-tests` passes it (they are all deep,
+so with `--kernel all` that is the default kernel only); a bare pytest run leaves them out, and
+the header says so.
 
 Debug kernels (`debug = true` in vmimages/matrix.toml: KASAN, lockdep, kmemleak; several times
 slower under TCG) run only the tests marked `debugkernel`, deep or not; the rest is deselected
@@ -86,7 +87,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--long",
         action="store_true",
         default=os.environ.get("DBD_LONG") == "1",
-        help="also run the tests marked long (gigabyte volumes, minutes-long races; nightly)",
+        help="also run the tests marked long (gigabyte volumes, minutes-long races)",
     )
 
 
@@ -103,7 +104,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "debugkernel: also runs on the debug kernels (the only tests that run there)"
     )
     config.addinivalue_line("markers", "debugonly: runs only on the debug kernels")
-    config.addinivalue_line("markers", "long: many minutes under TCG; runs only with --long (nightly)")
+    config.addinivalue_line("markers", "long: many minutes under TCG; only with --long (run-tests gives it)")
 
 
 def selected_kernels(config: pytest.Config) -> list[str]:
