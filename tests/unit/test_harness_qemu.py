@@ -113,3 +113,28 @@ def test_overlay_points_at_base(tmp_path: Path) -> None:
 def test_overlay_of_missing_base_fails(tmp_path: Path) -> None:
     with pytest.raises(subprocess.CalledProcessError):
         create_overlay(tmp_path / "nope.qcow2", tmp_path / "ov.qcow2")
+
+
+def test_firmware_qboot_by_default_seabios_or_a_rom_on_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harness import qemu
+
+    rom = tmp_path / "qboot.rom"
+    rom.write_bytes(b"\0" * 16)
+    monkeypatch.setattr(qemu, "QBOOT", rom)
+    monkeypatch.delenv("DBD_FIRMWARE", raising=False)
+    assert _opt(build_command(_cfg(tmp_path)), "-bios") == [str(rom)]
+    monkeypatch.setenv("DBD_FIRMWARE", "seabios")
+    assert "-bios" not in build_command(_cfg(tmp_path))
+    other = tmp_path / "other.rom"
+    other.write_bytes(b"\0")
+    monkeypatch.setenv("DBD_FIRMWARE", str(other))
+    assert _opt(build_command(_cfg(tmp_path)), "-bios") == [str(other)]
+    monkeypatch.setenv("DBD_FIRMWARE", str(tmp_path / "missing.rom"))
+    with pytest.raises(FileNotFoundError, match=r"missing\.rom"):
+        build_command(_cfg(tmp_path))
+    # a QEMU without qboot falls back to its default firmware
+    monkeypatch.delenv("DBD_FIRMWARE")
+    monkeypatch.setattr(qemu, "QBOOT", tmp_path / "absent.rom")
+    assert "-bios" not in build_command(_cfg(tmp_path))
