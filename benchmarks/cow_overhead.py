@@ -2,15 +2,43 @@
 """Write overhead of tracking: fio in ONE guest, untracked vs active snapshot vs incremental.
 
 One guest boots with a raw scratch disk (/dev/vdb), made ext4 without lazy init (no background
-writes) and mounted at /mnt/vol. The module is loaded with debug=0. Two fio jobs, one job each,
-iodepth 1, direct=1, psync, fixed size (``--seq-size``, ``--rand-size``) with a runtime cap
-(``--runtime``; none for first-write passes, which must cover every block); repeatable phases run
-each job ``--repeat`` times and report the median run. With ``--time-based S`` every run of a
-repeatable phase lasts S seconds instead, looping over its file (short passes are noisy under TCG):
+writes) and mounted at /mnt/vol. The module is loaded with debug=0. Up to eight fio jobs (``--jobs``,
+default all), iodepth 1, psync, fixed size (``--seq-size`` for the sequential ones, ``--rand-size`` for
+the random ones) with a runtime cap (``--runtime``; none for first-write passes, which must cover
+every block); repeatable phases run each job ``--repeat`` times and report the median run. With
+``--time-based S`` every run of a repeatable phase lasts S seconds instead, looping over its file
+(short passes are noisy under TCG). Every job writes its own file (``<key>.dat``), laid out before
+the snapshot, so that one job's first-write pass never meets blocks another job already wrote after
+the snapshot:
 
-* seqwrite: sequential 1 MiB writes over ``seq.dat``;
-* randwrite: random 4 KiB writes over ``rand.dat`` (fio's random map: every block once per pass,
-  and the same order in every pass, so a rewrite pass touches exactly the blocks of the first one).
+* ``seq``, "seqwrite 1M": sequential 1 MiB writes, direct I/O, one process (``seq.dat``);
+* ``rand``, "randwrite 4k": random 4 KiB writes, direct I/O, one process (``rand.dat``; fio's random
+  map: every block once per pass, and the same order in every pass, so a rewrite pass touches
+  exactly the blocks of the first one);
+* ``-buffered`` ("... buffered"): the same through the page cache (``direct=0``) with an fsync at the
+  end of the run (``end_fsync``), so that the data reaches the disk (and, tracked, is copied) within
+  the measured run; else a first-write pass would measure the page cache only. fio's bandwidth and
+  runtime count that fsync: fio issues it inside its I/O loop, before the runtime is taken (and a
+  smoke run agrees: buffered first writes show the COW cost, which is paid at writeback);
+* ``-x4`` ("... 4 jobs"): four fio processes (``numjobs=4``) on the same file, each over its own
+  quarter (``size`` = file / 4, ``offset_increment`` = file / 4), so that a first-write pass still
+  writes every block once; ``group_reporting``: one result for the four (bandwidth: all their bytes
+  over the longest runtime; latency percentiles over all their writes).
+
+So: seq, rand, seq-buffered, rand-buffered, seq-x4, rand-x4, seq-buffered-x4, rand-buffered-x4. The
+tracked volume holds every selected job's file and our COW file (preallocated for a first-write pass
+over all of them), so ``--disk`` defaults to 2048 MiB or, with more or larger files, to what they
+need (3328 MiB for all eight at the default sizes); the reference volume, the dm-snapshot COW disk and
+the thin pool follow from it.
+
+Guest CPU: every fio run (tracked and reference) is wrapped, in the same guest command, between two
+reads of /proc/stat's first line; busy time = user + nice + system + irq + softirq + steal (USER_HZ =
+100 per second; the guest has one vCPU), so that our module's COW work in its kernel thread and the
+writeback of buffered jobs count (fio's own usr/sys would miss them). Each row reports busy seconds
+per GiB written and, like the throughput, the median over its pairs of tracked / reference ratios
+(higher is worse); the untracked speed lines report the absolute value. The window includes fio's own
+start-up and exit, measured alone once (a 4 KiB fio run, ``fio_startup_cpu`` in the JSON) and
+identical in a pair: it pulls the CPU ratio of a short run towards 1.
 
 Paired runs (default; ``--no-pair`` turns them off): a second disk of the same size gets the same
 file system and files at /mnt/ref and is never tracked; every measured run is paired with the same
@@ -71,8 +99,15 @@ median of the phase's paired ratios (see above); with ``--no-pair``, the ratio t
 runs of the three untracked series (at the start, after destroy, at the end). The noise reported is
 how far the untracked phases' ratios stray from 1.
 
+Duration under TCG on a 2-core shared host: a run costs its length plus about 1.2 s (sync, fio
+start-up); a job takes about 58 timed runs with every peer (warm-ups, nine repeatable phases of
+``--repeat`` 3, each paired), plus its first-write passes (three, each between two reference runs).
+``benchmarks/run --quick`` (four jobs, small files, 2 s runs) took 14.5 minutes; the full run
+(all eight jobs at the default sizes, ``--time-based 4``) about an hour, most of it the timed runs
+(8 x 58 x 5 s) and the random first writes through dm-snapshot.
+
     .venv/bin/python benchmarks/cow_overhead.py [--target debian-6.1] [--repeat 3] [--no-dm] [--no-thin]
-        [--json out.json]
+        [--jobs seq,rand,...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -131,13 +166,69 @@ class Job:
     bs: str
     filename: str
     size_mib: int
+    direct: bool = True  # False: buffered writes, fsync'ed at the end of the run (end_fsync)
+    numjobs: int = 1  # fio processes, each writing its own 1/numjobs of the file
 
 
-def make_jobs(seq_mib: int, rand_mib: int) -> tuple[Job, ...]:
-    return (
-        Job("seqwrite 1M", "write", "1M", f"{MNT}/seq.dat", seq_mib),
-        Job("randwrite 4k", "randwrite", "4k", f"{MNT}/rand.dat", rand_mib),
+@dataclass(frozen=True)
+class Variant:
+    """One selectable job: access pattern, buffered or direct, how many fio processes."""
+
+    pattern: str  # "seq" or "rand"
+    direct: bool
+    numjobs: int
+
+    @property
+    def key(self) -> str:
+        procs = f"-x{self.numjobs}" if self.numjobs > 1 else ""
+        return self.pattern + ("" if self.direct else "-buffered") + procs
+
+
+# pattern: (rw, bs, display name of the direct one-job variant; kept as older runs' JSON names it)
+PATTERNS = {"seq": ("write", "1M", "seqwrite 1M"), "rand": ("randwrite", "4k", "randwrite 4k")}
+VARIANTS = {
+    v.key: v
+    for v in (
+        Variant(pattern, direct, numjobs)
+        for numjobs in (1, 4)
+        for direct in (True, False)
+        for pattern in PATTERNS
     )
+}
+ALL_JOBS = tuple(VARIANTS)  # seq, rand, seq-buffered, rand-buffered, seq-x4, rand-x4, ...
+
+
+def job_name(v: Variant) -> str:
+    """The display name: seqwrite 1M, randwrite 4k buffered, seqwrite 1M buffered 4 jobs, ..."""
+    base = PATTERNS[v.pattern][2]
+    return base + ("" if v.direct else " buffered") + (f" {v.numjobs} jobs" if v.numjobs > 1 else "")
+
+
+def job_file(v: Variant) -> str:
+    """Every variant writes its own file, so that one variant's first-write pass never finds blocks
+    that another variant already wrote (and copied) after the snapshot."""
+    return f"{MNT}/{v.key}.dat"  # seq.dat and rand.dat for the original two, as before
+
+
+def bs_kib(bs: str) -> int:
+    return {"k": 1, "M": 1024}[bs[-1]] * int(bs[:-1])
+
+
+def make_jobs(seq_mib: int, rand_mib: int, keys: tuple[str, ...] = ("seq", "rand")) -> tuple[Job, ...]:
+    """The selected variants (keys of VARIANTS), each over its own file: seq ones of seq_mib, rand ones
+    of rand_mib. A file must split into numjobs equal parts of whole blocks (each fio process writes
+    one part, so that a first-write pass still writes every block once)."""
+    jobs = []
+    for key in keys:
+        if key not in VARIANTS:
+            raise ValueError(f"unknown job {key!r}; choose from {', '.join(ALL_JOBS)}")
+        v = VARIANTS[key]
+        rw, bs, _ = PATTERNS[v.pattern]
+        size = seq_mib if v.pattern == "seq" else rand_mib
+        if (size * 1024) % (v.numjobs * bs_kib(bs)):
+            raise ValueError(f"job {key}: {size} MiB does not split into {v.numjobs} parts of whole {bs}s")
+        jobs.append(Job(job_name(v), rw, bs, job_file(v), size, v.direct, v.numjobs))
+    return tuple(jobs)
 
 
 @dataclass(frozen=True)
@@ -159,6 +250,14 @@ class FioResult:
     ref_mib_s: tuple[float, ...] = ()
     # every reference run's bandwidth, in order: a one-run phase's mean hides a slow run before it
     ref_runs_mib_s: tuple[float, ...] = ()
+    # Guest CPU (whole guest, /proc/stat, read right before and after fio in the same command): busy
+    # seconds (user, nice, system, irq, softirq, steal), elapsed seconds by the same clock, and busy
+    # seconds per GiB written; 0 in results from before they were measured.
+    cpu_busy_s: float = 0.0
+    cpu_elapsed_s: float = 0.0
+    cpu_s_per_gib: float = 0.0
+    runs_cpu_s_per_gib: tuple[float, ...] = ()  # every repeat's, like runs_mib_s
+    paired_cpu: tuple[float, ...] = ()  # per pair: tracked / reference CPU seconds per GiB
 
 
 @dataclass
@@ -215,23 +314,81 @@ def tracer_info(g: Guest, phase: str) -> TracerState:
                        int(d["falloc_size"]))  # fmt: skip
 
 
+def size_arg(kib: int) -> str:
+    return f"{kib // 1024}M" if kib % 1024 == 0 else f"{kib}k"
+
+
 def fio_cmd(job: Job, runtime: int, timed: bool = False) -> str:
     """The fio command of a job; runtime 0: no cap (the whole file is written once); timed: run
-    for `runtime` seconds, looping over the file (only for phases where a block may be rewritten)."""
+    for `runtime` seconds, looping over the file (only for phases where a block may be rewritten).
+    numjobs > 1: each fio process writes its own part of the file (offset_increment), so together
+    they cover it once, and one group result is reported. Buffered: the run ends with an fsync, so
+    that the data reached the disk (and was copied where it must be) within the measured run."""
     cap = f"--runtime={runtime} " if runtime else ""
     if timed:
         cap = f"--time_based --runtime={runtime} "
+    part = size_arg(job.size_mib * 1024 // job.numjobs)
+    procs = f"--numjobs={job.numjobs} "
+    if job.numjobs > 1:
+        procs += f"--offset_increment={part} --group_reporting "
+    io = "--direct=1 " if job.direct else "--direct=0 --end_fsync=1 "
     return (
-        f"fio --name=bench --filename={job.filename} --rw={job.rw} --bs={job.bs} --size={job.size_mib}M "
-        f"--direct=1 --ioengine=psync --iodepth=1 --numjobs=1 --randrepeat=1 {cap}--output-format=json"
+        f"fio --name=bench --filename={job.filename} --rw={job.rw} --bs={job.bs} --size={part} "
+        f"{io}--ioengine=psync --iodepth=1 {procs}--randrepeat=1 {cap}--output-format=json"
     )
 
 
+# ---- guest CPU from /proc/stat: `cpu  user nice system idle iowait irq softirq steal guest guest_nice`
+USER_HZ = 100  # the unit of /proc/stat on every Linux architecture this runs on
+STAT_BUSY = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal (guest* are inside user/nice)
+STAT_CMD = "head -n 1 /proc/stat"
+GIB = 1024 * MIB
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    busy: int  # jiffies (1/USER_HZ s), all CPUs
+    total: int  # busy + idle + iowait
+
+
+def parse_stat(line: str) -> CpuSample:
+    fields = line.split()
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        raise BenchError(f"not the first line of /proc/stat: {line!r}")
+    ticks = [int(x) for x in fields[1:9]]
+    busy = sum(ticks[i] for i in STAT_BUSY)
+    return CpuSample(busy, busy + ticks[3] + ticks[4])
+
+
+def cpu_seconds(before: CpuSample, after: CpuSample) -> tuple[float, float]:
+    """(busy, elapsed) seconds between two samples, for a guest of one vCPU (with more, both are
+    CPU seconds summed over the CPUs)."""
+    return (after.busy - before.busy) / USER_HZ, (after.total - before.total) / USER_HZ
+
+
+def with_cpu(cmd: str) -> str:
+    """cmd between two reads of /proc/stat, in one guest command (no round trip inside the window)."""
+    return f"{STAT_CMD} && {cmd} && {STAT_CMD}"
+
+
+def split_cpu(text: str) -> tuple[CpuSample, CpuSample, str]:
+    """The output of with_cpu(): (sample before, sample after, the command's own output)."""
+    lines = text.splitlines()
+    stat = [i for i, ln in enumerate(lines) if ln.startswith("cpu ")]
+    if len(stat) < 2:
+        raise BenchError(f"no /proc/stat lines around the fio output:\n{text[-2000:]}")
+    first, last = stat[0], stat[-1]
+    return parse_stat(lines[first]), parse_stat(lines[last]), "\n".join(lines[first + 1 : last])
+
+
 def parse_fio(text: str, job: str, phase: str) -> FioResult:
+    """fio's JSON (with group_reporting, jobs[0] is the group of all the job's processes: bandwidth
+    over all of them, latency percentiles of all their I/Os). The bandwidth is fio's: io_bytes over
+    the runtime, which counts the end_fsync of a buffered run (fio syncs inside its I/O loop)."""
     start = text.find("{")  # fio may print notes before the JSON document
     if start < 0:
         raise BenchError(f"no JSON in fio output for {job} / {phase}:\n{text[-2000:]}")
-    doc = json.loads(text[start:])
+    doc, _ = json.JSONDecoder().raw_decode(text[start:])
     w = doc["jobs"][0]["write"]
     pct = w["clat_ns"].get("percentile", {})
     return FioResult(
@@ -246,6 +403,12 @@ def parse_fio(text: str, job: str, phase: str) -> FioResult:
     )
 
 
+def with_cpu_result(res: FioResult, before: CpuSample, after: CpuSample) -> FioResult:
+    busy, elapsed = cpu_seconds(before, after)
+    per_gib = busy / (res.io_mib * MIB / GIB) if res.io_mib else 0.0
+    return replace(res, cpu_busy_s=busy, cpu_elapsed_s=elapsed, cpu_s_per_gib=per_gib)
+
+
 FIRST_WRITE_TIMEOUT = 3600.0  # a first-write pass runs uncapped; this only catches a hung guest
 
 
@@ -255,14 +418,40 @@ def on_volume(job: Job, mountpoint: str) -> Job:
 
 def fio_once(g: Guest, job: Job, runtime: int, label: str, timed: bool = False) -> FioResult:
     run(g, "sync")
-    r = run(g, fio_cmd(job, runtime, timed), timeout=runtime + 120 if runtime else FIRST_WRITE_TIMEOUT)
-    res = parse_fio(r.stdout, job.name, label)
+    cmd = with_cpu(fio_cmd(job, runtime, timed))
+    r = run(g, cmd, timeout=runtime + 120 if runtime else FIRST_WRITE_TIMEOUT)
+    before, after, out = split_cpu(r.stdout)
+    res = with_cpu_result(parse_fio(out, job.name, label), before, after)
     print(
-        f"  {label:<22} {job.name:<13} {res.bw_mib_s:8.2f} MiB/s  p50 {res.clat_p50_us:9.1f} us  "
-        f"p99 {res.clat_p99_us:9.1f} us  ({res.io_mib:.0f} MiB in {res.runtime_s:.1f} s)",
+        f"  {label:<22} {job.name:<29} {res.bw_mib_s:8.2f} MiB/s  p50 {res.clat_p50_us:9.1f} us  "
+        f"p99 {res.clat_p99_us:9.1f} us  ({res.io_mib:.0f} MiB in {res.runtime_s:.2f} s; guest CPU "
+        f"{res.cpu_busy_s:.2f} of {res.cpu_elapsed_s:.2f} s, {res.cpu_s_per_gib:.2f} s/GiB)",
         flush=True,
     )
     return res
+
+
+FIO_STARTUP_RUNS = 3
+
+
+def measure_fio_startup(g: Guest) -> dict[str, float]:
+    """Guest CPU of fio's own start-up and exit, as with_cpu() sees it around one 4 KiB write (median
+    of FIO_STARTUP_RUNS): it is inside every run's CPU window, the same in a tracked run and its
+    reference, so it pulls the CPU ratio of a short run (a small first-write pass) towards 1."""
+    path = f"{MNT}/fio-startup.dat"
+    cmd = with_cpu(f"fio --name=startup --filename={path} --rw=write --bs=4k --size=4k --direct=1 "
+                   "--output-format=json")  # fmt: skip
+    busy, elapsed = [], []
+    for _ in range(FIO_STARTUP_RUNS):
+        run(g, "sync")
+        before, after, _ = split_cpu(run(g, cmd).stdout)
+        b, e = cpu_seconds(before, after)
+        busy.append(b)
+        elapsed.append(e)
+    run(g, f"rm -f {path} && sync")
+    out = {"busy_s": statistics.median(busy), "elapsed_s": statistics.median(elapsed)}
+    print(f"fio start-up and exit: guest CPU {out['busy_s']:.2f} of {out['elapsed_s']:.2f} s (median)")
+    return out
 
 
 def pair_ratio(a: float, refs: list[float]) -> float:
@@ -320,6 +509,10 @@ def run_jobs(
                 paired_p99=tuple(pair_ratio(a.clat_p99_us, [b.clat_p99_us for b in bs]) for a, bs in pairs),
                 ref_mib_s=tuple(statistics.fmean(b.bw_mib_s for b in bs) for _, bs in pairs),
                 ref_runs_mib_s=tuple(b.bw_mib_s for _, bs in pairs for b in bs),
+                runs_cpu_s_per_gib=tuple(x.cpu_s_per_gib for x in runs),
+                paired_cpu=tuple(
+                    pair_ratio(a.cpu_s_per_gib, [b.cpu_s_per_gib for b in bs]) for a, bs in pairs
+                ),
             )
         )
     return out
@@ -568,10 +761,29 @@ def bench_thin(g: Guest, args: argparse.Namespace, jobs: tuple[Job, ...], result
 
 
 def cow_mib_needed(jobs: tuple[Job, ...], disk_mib: int) -> int:
-    """COW preallocation for one first-write pass over both files: data, index (8 bytes per 4 KiB
-    block of the device, plus a header), journal/metadata blocks, and slack."""
+    """COW preallocation for one first-write pass over every job's file: data, index (8 bytes per
+    4 KiB block of the device, plus a header), journal/metadata blocks, and slack."""
     index_mib = disk_mib * 256 * 8 // MIB + 1
     return sum(j.size_mib for j in jobs) + index_mib + 64
+
+
+DEFAULT_DISK_MIB = 2048  # the volume of earlier runs; larger only when the jobs' files need it
+
+
+def disk_mib_needed(jobs: tuple[Job, ...]) -> int:
+    """The smallest volume that holds every job's file and our COW file beside them (on the same file
+    system) with room for ext4's journal and inode tables (no lazy init: written at mkfs), in
+    multiples of 256 MiB."""
+    disk = 2 * sum(j.size_mib for j in jobs) + 64  # the files, and the COW file of the same size
+    while True:
+        need = sum(j.size_mib for j in jobs) + cow_mib_needed(jobs, disk) + 64 + disk // 32
+        if need <= disk:
+            return disk
+        disk = -(-need // 256) * 256
+
+
+def default_disk_mib(jobs: tuple[Job, ...]) -> int:
+    return max(DEFAULT_DISK_MIB, disk_mib_needed(jobs))
 
 
 def make_volume(g: Guest, dev: str, mnt: str, jobs: tuple[Job, ...], runtime: int) -> None:
@@ -587,7 +799,7 @@ def make_volume(g: Guest, dev: str, mnt: str, jobs: tuple[Job, ...], runtime: in
 
 
 def bench(g: Guest, args: argparse.Namespace, results: dict[str, Any]) -> None:
-    jobs, runtime, rep = make_jobs(args.seq_size, args.rand_size), args.runtime, args.repeat
+    jobs, runtime, rep = make_jobs(args.seq_size, args.rand_size, args.jobs), args.runtime, args.repeat
     results["jobs"] = [asdict(j) for j in jobs]
     volumes = [(DEV, MNT)] + ([(args.ref_dev, REF_MNT)] if args.paired else [])
     for dev, mnt in volumes:
@@ -598,6 +810,7 @@ def bench(g: Guest, args: argparse.Namespace, results: dict[str, Any]) -> None:
 
     pair = args.paired
     rt, timed = (args.time_based, True) if args.time_based else (runtime, False)
+    results["fio_startup_cpu"] = measure_fio_startup(g)
     run_jobs(g, "warm-up (not reported)", jobs, rt, 1, pair, timed)  # first passes after layout run slower
     fio += run_jobs(g, "baseline", jobs, rt, rep, pair, timed)
 
@@ -655,6 +868,7 @@ class Reference:
     clat_p99_us: float
     runs: int
     noise: float  # largest distance from 1 of an untracked series' median run against bw_mib_s
+    cpu_s_per_gib: float = 0.0  # median of the untracked runs' guest CPU seconds per GiB (0: not measured)
 
 
 def references(fio: list[FioResult]) -> dict[str, Reference]:
@@ -671,7 +885,8 @@ def references(fio: list[FioResult]) -> dict[str, Reference]:
             noise = max(abs(1 - r.bw_mib_s / bw) for r in series) if bw else 0.0
         p50 = statistics.median(r.clat_p50_us for r in series)
         p99 = statistics.median(r.clat_p99_us for r in series)
-        out[job] = Reference(bw, p50, p99, len(runs), noise)
+        cpu = [c for r in series for c in (r.runs_cpu_s_per_gib or (r.cpu_s_per_gib,)) if c]
+        out[job] = Reference(bw, p50, p99, len(runs), noise, statistics.median(cpu) if cpu else 0.0)
     return out
 
 
@@ -698,7 +913,11 @@ def case_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 or (ratio(r.clat_p50_us, b.clat_p50_us) if b else None),
                 "p99_ratio": paired_median(r.paired_p99)
                 or (ratio(r.clat_p99_us, b.clat_p99_us) if b else None),
+                "cpu_s_per_gib": r.cpu_s_per_gib or None,
+                "cpu_ratio": paired_median(r.paired_cpu)
+                or (ratio(r.cpu_s_per_gib, b.cpu_s_per_gib) if b else None),
                 "paired_bw": list(r.paired_bw),
+                "paired_cpu": list(r.paired_cpu),
                 "ref_mib_s": list(r.ref_mib_s),
                 "ref_runs_mib_s": list(r.ref_runs_mib_s),
                 "target": TARGETS.get(r.phase),
@@ -725,9 +944,9 @@ def first_write_vs_peer(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def print_report(results: dict[str, Any]) -> None:
     print()
-    hdr = f"{'phase':<24}{'job':<14}{'MiB/s':>9}{'IOPS':>9}{'p50 us':>10}{'p99 us':>10}{'MiB':>7}"
-    print(hdr + f"{'bw ratio':>10}{'target':>9}{'p50 x':>8}{'p99 x':>8}")
-    print("-" * (len(hdr) + 35))
+    hdr = f"{'phase':<24}{'job':<30}{'MiB/s':>9}{'IOPS':>9}{'p50 us':>10}{'p99 us':>10}{'MiB':>7}"
+    print(hdr + f"{'bw ratio':>10}{'target':>9}{'p50 x':>8}{'p99 x':>8}{'CPU s/GiB':>10}{'CPU x':>7}")
+    print("-" * (len(hdr) + 52))
 
     def num(x: float | None) -> float:
         return float("nan") if x is None else x
@@ -737,19 +956,21 @@ def print_report(results: dict[str, Any]) -> None:
         tgt = f">={target:.2f}" if target is not None else "-"
         flag = " " if target is None or bw >= target else "!"
         print(
-            f"{c['phase']:<24}{c['job']:<14}{c['bw_mib_s']:>9.2f}{c['iops']:>9.0f}{c['clat_p50_us']:>10.1f}"
+            f"{c['phase']:<24}{c['job']:<30}{c['bw_mib_s']:>9.2f}{c['iops']:>9.0f}{c['clat_p50_us']:>10.1f}"
             f"{c['clat_p99_us']:>10.1f}{c['io_mib']:>7.0f}{bw:>9.2f}{flag}{tgt:>9}"
             f"{num(c['p50_ratio']):>8.2f}{num(c['p99_ratio']):>8.2f}"
+            f"{num(c['cpu_s_per_gib']):>10.2f}{num(c['cpu_ratio']):>7.2f}"
         )
     print(
         "('!' = below target; ratios: median of the phase's tracked/untracked run pairs, or without "
-        "pairs to the median of the job's untracked runs:"
+        "pairs to the median of the job's untracked runs; CPU: guest busy seconds per GiB written, "
+        "CPU x its ratio (higher is worse):"
     )
     for job, ref in references(results.get("fio", [])).items():
         print(
             f"  {job}: median of {ref.runs} untracked runs {ref.bw_mib_s:.2f} MiB/s, "
-            f"p50 {ref.clat_p50_us:.1f} us, p99 {ref.clat_p99_us:.1f} us; "
-            f"noise (untracked phases' ratios from 1) {ref.noise:.0%})"
+            f"p50 {ref.clat_p50_us:.1f} us, p99 {ref.clat_p99_us:.1f} us, guest CPU "
+            f"{ref.cpu_s_per_gib:.2f} s/GiB; noise (untracked phases' ratios from 1) {ref.noise:.0%})"
         )
     for job, cmp in first_write_vs_peer(results).items():
         for key, phase in PEERS.items():
@@ -780,6 +1001,12 @@ def print_report(results: dict[str, Any]) -> None:
         print(
             f"tracer {t.phase}: state {t.state} error {t.error} nr_changed_blocks {t.nr_changed_blocks} "
             f"cow size {t.falloc_size / MIB:.1f} MiB"
+        )
+    startup = results.get("fio_startup_cpu")
+    if startup:
+        print(
+            f"guest CPU of fio's start-up and exit (in every run's CPU window): {startup['busy_s']:.2f} s "
+            f"busy of {startup['elapsed_s']:.2f} s"
         )
     setup: SetupLatency | None = results.get("setup")
     if setup is not None:
@@ -872,7 +1099,19 @@ def main() -> int:
     p.add_argument("--rand-size", type=int, default=128, help="MiB written by the 4k job (default 128)")
     p.add_argument("--repeat", type=int, default=3, help="runs per job in repeatable phases (median)")
     p.add_argument("--runtime", type=int, default=120, help="runtime cap per fio job, seconds")
-    p.add_argument("--disk", type=int, default=2048, help="scratch disk MiB (default 2048, sparse)")
+    p.add_argument(
+        "--jobs",
+        default=",".join(ALL_JOBS),
+        help=f"comma list of fio jobs (default: all of {','.join(ALL_JOBS)}): seq = 1M sequential, rand = "
+        "4k random; -buffered: page cache, fsync at the end; -x4: 4 processes, each its quarter of the file",
+    )
+    p.add_argument(
+        "--disk",
+        type=int,
+        default=None,
+        help=f"scratch disk MiB (sparse; default {DEFAULT_DISK_MIB}, or more when the jobs' files and the "
+        "COW file need it)",
+    )
     p.add_argument("--setup-falloc", type=int, default=16, help="-f MiB for the setup latency rounds")
     p.add_argument("--setup-rounds", type=int, default=3)
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
@@ -898,13 +1137,24 @@ def main() -> int:
         "--dm-cow", type=int, default=None, help="dm-snapshot COW disk MiB (default: our COW preallocation)"
     )
     args = p.parse_args()
+    args.jobs = tuple(k.strip() for k in args.jobs.split(",") if k.strip())
+    try:
+        jobs = make_jobs(args.seq_size, args.rand_size, args.jobs)
+    except ValueError as e:
+        p.error(f"--jobs: {e}")
+    if args.disk is None:
+        args.disk = default_disk_mib(jobs)
+    files_and_cow = sum(j.size_mib for j in jobs) + cow_mib_needed(jobs, args.disk)
+    if files_and_cow >= args.disk:
+        p.error(f"--disk {args.disk}: the files and the COW file alone take {files_and_cow} MiB")
     if args.dm_cow is None:
-        args.dm_cow = cow_mib_needed(make_jobs(args.seq_size, args.rand_size), args.disk)
+        args.dm_cow = cow_mib_needed(jobs, args.disk)
     if args.thin_data is None:
         args.thin_data = 2 * args.disk
 
     results: dict[str, Any] = {"target": args.target, "repeat": args.repeat, "runtime_cap_s": args.runtime}
     results["sizes_mib"] = {"seq": args.seq_size, "rand": args.rand_size, "disk": args.disk}
+    results["job_keys"] = list(args.jobs)
     results["paired"] = args.paired
     results["time_based_s"] = args.time_based
     if args.dm:
