@@ -53,8 +53,9 @@ TARGETS = {FIRST_WRITE: 0.3, REWRITE: 0.9, INCREMENTAL: 0.95}
 # Why a target can be missed, stated with the numbers that show it (see why_missed()).
 WHY = {
     FIRST_WRITE: (
-        "a first write waits for its COW copy (the old block read, then written with the index to the "
-        "COW file on the same disk): two more I/Os per block, each paying emulated CPU under TCG"
+        "a first write waits until the old data of its blocks is read (the COW write to the same disk "
+        "then overlaps it): one more I/O in its path and one beside it per block, each paying emulated "
+        "CPU under TCG; the worker reads a batch 1 MiB at a time, so parallel writers queue behind it"
     ),
     "vs dm-snapshot": (
         "dm-snapshot copies each chunk to a separate COW disk, so its copies do not compete with the "
@@ -66,13 +67,14 @@ WHY = {
         "other fifteen 4 KiB blocks are no longer shared; we copy every 4 KiB block on its first write"
     ),
     REWRITE: (
-        "a rewrite of preserved blocks only passes the ftrace hook and the preserved-blocks check, so a "
-        "gap beyond the noise needs a full-size run (without --quick) before it counts as a regression"
+        "a rewrite of preserved blocks only passes the ftrace hook (a register-saving trampoline) and "
+        "the preserved-blocks check: a fixed cost per write, largest against small direct writes; a "
+        "quick run's gap beyond the noise needs a full-size run before it counts"
     ),
     INCREMENTAL: (
         "the only per-write work in incremental mode is the ftrace hook and one bit set in the change "
-        "bitmap, so a gap beyond the noise needs a full-size run (without --quick) before it counts as "
-        "a regression"
+        "bitmap: a fixed cost per write, largest against small direct writes; a quick run's gap beyond "
+        "the noise needs a full-size run before it counts"
     ),
 }
 
@@ -705,7 +707,7 @@ def plot_against_dirty(ax: Any, sl: dict[str, Any]) -> None:
     ax.axhline(sl.get("target_ms", 200.0), color="black", linestyle=":", linewidth=1)
     ax.set_xticks([p["dirty_mib"] for p in pts])
     ax.set_xlabel(f"MiB of buffered writes not yet synced (on the {sl.get('dirty_volume_mib')} MiB volume)")
-    ax.set_title("against dirty page cache at setup (-f 16)", fontsize=10)
+    ax.set_title(f"against dirty page cache at setup (-f {small_f(sl)})", fontsize=10)
     ax.legend(fontsize=7)
 
 
@@ -734,8 +736,13 @@ def reference_note(p: dict[str, Any]) -> str:
     )
 
 
+def small_f(sl: dict[str, Any]) -> int:
+    """The fixed -f of the run (16 before session 8, when the 8 GiB volume's index needed more)."""
+    return int(sl.get("small_falloc_mib", 16))
+
+
 def latency_verdict(sl: dict[str, Any]) -> list[str]:
-    """The 200 ms target, strictly (setup with -f 16, its 16 MiB preallocation included) and as the
+    """The 200 ms target, strictly (setup with the fixed -f, its preallocation included) and as the
     issue words it (the same preallocation done from user space in the same cycle subtracted)."""
     goal = sl.get("target_ms", 200.0)
     small = [p for p in latency_points(sl, "volume") if p["falloc_arg"]]
@@ -839,8 +846,8 @@ def render_snapshot_latency(sl: dict[str, Any], doc_path: Path, plot_dir: Path) 
     if prealloc:
         md += [
             "The preallocation alone, derived across cycles: setup-snapshot with the default COW size minus "
-            "setup-snapshot with 16 MiB, same volume (a zero-fill rate only where the difference is 32 MiB "
-            "or more; negative where the default COW file is the smaller one):",
+            f"setup-snapshot with {small_f(sl)} MiB, same volume (a zero-fill rate only where the difference "
+            "is 32 MiB or more; negative where the default COW file is the smaller one):",
             "",
         ]
         rows = [
@@ -852,14 +859,15 @@ def render_snapshot_latency(sl: dict[str, Any], doc_path: Path, plot_dir: Path) 
             ]
             for r in prealloc
         ]
-        md += [md_table(["volume", "COW MiB, default - 16", "setup ms, default - 16", "MiB/s"], rows), ""]
+        f = small_f(sl)
+        md += [md_table(["volume", f"COW MiB, default - {f}", f"setup ms, default - {f}", "MiB/s"], rows), ""]
     dirty = latency_points(sl, "dirty")
     if dirty:
         md += [
             f"Against dirty page cache at setup time, on the {sl.get('dirty_volume_mib')} MiB volume with "
-            "`-f 16`: `dd` of buffered writes to a file of the volume, not synced, guest writeback held "
-            "off (`vm.dirty_*`); Dirty is /proc/meminfo's, read in the same process right before and "
-            "after setup-snapshot, whose freeze flushes it:",
+            f"`-f {small_f(sl)}`: `dd` of buffered writes to a file of the volume, not synced, guest "
+            "writeback held off (`vm.dirty_*`); Dirty is /proc/meminfo's, read in the same process right "
+            "before and after setup-snapshot, whose freeze flushes it:",
             "",
         ]
         header = [
