@@ -34,13 +34,14 @@ import json
 import os
 import re
 import shlex
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydbd import abi
+from pydbd import abi, cow
 from pydbd.control import DEFAULT_CTL_PATH, Control, DattoInfo
 from pydbd.errors import PER_MINOR_OPS, DattoError, diagnose_einval, errno_name
 from pydbd.procinfo import DEFAULT_PROC_PATH, ProcDevice, ProcFormatError, ProcInfo, read_proc_info
@@ -48,6 +49,7 @@ from pydbd.procinfo import DEFAULT_PROC_PATH, ProcDevice, ProcFormatError, ProcI
 EXIT_FAILURE = 255  # upstream returns -1 from main / exit(-1)
 LLONG_MAX = 2**63 - 1
 LONG_MAX = LLONG_MAX  # LP64
+MIB = 1 << 20
 DEFAULT_PERSIST_DIR = "/etc/datto/dla"
 
 # Tests replace this to run every sub-command against a fake driver.
@@ -364,11 +366,56 @@ def _with_control(action: Callable[[Control], int | None]) -> int:
         return EXIT_FAILURE
 
 
+def _block_device_size(path: str) -> int | None:
+    """Bytes of the block device at path; None when it is not one or cannot be opened (the driver
+    then reports what is wrong with it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            return None
+        return os.lseek(fd, 0, os.SEEK_END)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+DEVICE_SIZE: Callable[[str], int | None] = _block_device_size  # replaced by the unit tests
+
+
+def _cow_too_small(bdev: str, falloc_mib: int) -> str | None:
+    """Why `setup-snapshot -f falloc_mib` on bdev cannot work, or None. The module accepts a COW
+    file that cannot hold its own header and index plus one block of data (upstream does too, spec
+    section 9, defect 7), and the snapshot then fails with EFBIG at its first copy: a moment after
+    setup, since the file system writes as soon as it is thawed. Refuse it here instead."""
+    size = DEVICE_SIZE(bdev) if falloc_mib > 0 else None
+    if size is None:
+        return None
+    layout = cow.geometry(size // 512).data_offset
+    need = layout + cow.BLOCK_SIZE
+    if falloc_mib * MIB >= need:
+        return None
+    return (
+        f"setup-snapshot -f {falloc_mib} on {bdev} ({_human_size(size)}): the COW file's header and index "
+        f"alone take {_human_size(layout)}, so the snapshot would fail with EFBIG (File too large) at its "
+        f"first copy; use -f {-(-need // MIB)} or more (-f 0: 10 % of the volume). Nothing was set up."
+    )
+
+
 def _run_command(name: str, cmd: _Command, argv: list[str]) -> int:
     args = _parse_command(name, cmd, argv)
 
-    def action(ctl: Control) -> None:
+    def action(ctl: Control) -> int | None:
+        if name == "setup-snapshot":
+            problem = _cow_too_small(args.strings[0], args.opt("f"))
+            if problem:
+                print(f"dbdctl: {problem}", file=sys.stderr)
+                return EXIT_FAILURE
         cmd.action(ctl, args)
+        return None
 
     return _with_control(action)
 

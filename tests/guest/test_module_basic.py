@@ -198,7 +198,11 @@ def test_proc_matches_info_in_each_state(module_guest: Guest, ext4_volume: Volum
 
 def test_cow_full_fails_with_efbig(module_guest: Guest, ext4_volume: Volume) -> None:
     g, vol = module_guest, ext4_volume
-    # 512 MiB device: the index takes 1 MiB + 4 KiB, so a 2 MiB file holds under 256 data blocks.
+    # 512 MiB device: the index takes 1 MiB + 4 KiB, so a 2 MiB file holds under 256 data blocks,
+    # and a 1 MiB one not even the index: dbdctl refuses that before the driver would accept it.
+    r = dbdctl(g, f"setup-snapshot -f 1 {vol.device} /mnt/vol/.datto 0")
+    assert r.rc != 0 and "use -f 2 or more" in r.stderr, r.stderr
+    assert dbdctl(g, "get-free").stdout.strip() == "0"  # nothing was set up
     _setup(g, vol, extra="-f 2")
     write_file(g, "/mnt/vol/big", 16, "fill")
     g.check("sync")

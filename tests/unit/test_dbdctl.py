@@ -608,3 +608,27 @@ def test_gnu_getopt_long_and_short_forms() -> None:
     )
     assert got.options == [("dir", "x"), ("c", "-5"), ("json", None)]
     assert (got.positionals, got.diagnostic) == (["a", "b"], None)
+
+
+def test_setup_refuses_a_cow_size_that_cannot_hold_its_own_index(
+    driver: FakeIoctl, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 GiB: 2 Mi blocks, a 16 MiB index after the 4 KiB header, so -f 16 leaves no room for a copy
+    (the module would accept it and fail the snapshot with EFBIG at once); -f 17 is the least."""
+    monkeypatch.setattr(dbdctl, "DEVICE_SIZE", lambda path: 8 << 30 if path == "/dev/vdb" else None)
+    status, _, err = run(capsys, "setup-snapshot", "-f", "16", "/dev/vdb", "/mnt/.datto", "0")
+    assert status == 255
+    assert err.startswith("dbdctl: setup-snapshot -f 16 on /dev/vdb (8.0GiB): ")
+    assert "16.0MiB" in err and "EFBIG" in err and "use -f 17 or more" in err
+    assert abi.IOCTL_SETUP_SNAP not in [call.request for call in driver.calls]
+    # enough room, the default size, or a size dbdctl cannot learn: the driver decides
+    for argv in (["-f", "17", "/dev/vdb"], ["/dev/vdb"], ["-f", "1", "/dev/other"]):
+        assert run(capsys, "setup-snapshot", *argv, "/mnt/.datto", "0")[0] == 0
+    assert [call.request for call in driver.calls].count(abi.IOCTL_SETUP_SNAP) == 3
+
+
+def test_block_device_size_is_only_read_from_block_devices(tmp_path: Path) -> None:
+    regular = tmp_path / "image"
+    regular.write_bytes(b"\0" * 8192)
+    assert dbdctl._block_device_size(str(regular)) is None
+    assert dbdctl._block_device_size(str(tmp_path / "missing")) is None
