@@ -1,0 +1,362 @@
+"""The overview page across the kernel matrix: doc/benchmarks.md, rendered from every kernel's results.
+
+Each kernel target has its own results file and page (``doc/benchmarks/<kernel>/results.json`` and
+``doc/benchmarks/<kernel>.md``, written by ``benchmarks/run --kernel <kernel>``). This page puts the
+issue's targets side by side for all of them, says which were missed on which kernel and why, and
+shows the host-side benchmarks (update-img, guest boot) once, from the newest run that measured them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from benchmarks import runner
+from benchmarks.runner import (
+    DM_FIRST_WRITE,
+    FIRST_WRITE,
+    TARGETS,
+    THIN_FIRST_WRITE,
+    case_map,
+    fmt,
+    md_table,
+)
+
+RESULTS_NAME = "results.json"
+KERNEL_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+
+def kernel_key(kernel: str) -> tuple[tuple[int, ...], str]:
+    """debian-5.10 < debian-6.1 < debian-6.12 < debian-6.12-debug < debian-7.2."""
+    m = re.search(r"(\d+(?:\.\d+)*)", kernel)
+    version = tuple(int(x) for x in m.group(1).split(".")) if m else ()
+    return version, kernel
+
+
+def load_all(root: Path) -> dict[str, dict[str, Any]]:
+    """Every kernel's results under root (root/<kernel>/results.json), in kernel version order.
+    A file that cannot be read is left out with a message rather than failing the whole page."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(root.glob(f"*/{RESULTS_NAME}")):
+        try:
+            found[path.parent.name] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"benchmarks: skipping {path}: {e}; run benchmarks/run --kernel {path.parent.name} again")
+    return {k: found[k] for k in sorted(found, key=kernel_key)}
+
+
+def page_of(kernel: str, doc_path: Path) -> str:
+    """The kernel's own page, relative to the overview."""
+    return f"{doc_path.with_suffix('').name}/{kernel}.md"
+
+
+# ---------------------------------------------------------------- write overhead
+
+
+def cow_of(doc: dict[str, Any]) -> dict[str, Any] | None:
+    return runner.cow_results(doc)
+
+
+def miss_kind(value: float, goal: float, noise: float | None) -> str:
+    """'' when met, 'noise' when missed by less than the run's noise, 'miss' otherwise."""
+    if value >= goal:
+        return ""
+    return "noise" if noise and goal - value <= noise * value else "miss"
+
+
+def target_cell(cow: dict[str, Any], job: str) -> str:
+    """first write / rewrite / incremental ratios of one job; a miss in bold, a miss within the run's
+    noise in italics."""
+    cases = case_map(cow)
+    noise = runner.noise_of(cow, job)
+    parts = []
+    for phase, goal in TARGETS.items():
+        r = cases.get((phase, job), {}).get("bw_ratio")
+        if r is None:
+            parts.append("-")
+            continue
+        kind = miss_kind(r, goal, noise)
+        parts.append({"": f"{r:.2f}", "noise": f"*{r:.2f}*", "miss": f"**{r:.2f}**"}[kind])
+    return " / ".join(parts)
+
+
+def peer_cell(cow: dict[str, Any], job: str) -> str:
+    """Our first-write ratio against dm-snapshot's and dm-thin's in the same run."""
+    cases = case_map(cow)
+    values = [
+        cases.get((p, job), {}).get("bw_ratio") for p in (FIRST_WRITE, DM_FIRST_WRITE, THIN_FIRST_WRITE)
+    ]
+    return " / ".join(fmt(v) for v in values)
+
+
+def all_jobs(cows: dict[str, dict[str, Any]]) -> list[str]:
+    """Every job measured on some kernel, in the order of the first kernel that has it."""
+    jobs: list[str] = []
+    for cow in cows.values():
+        jobs += [j for j in runner.job_names(cow) if j not in jobs]
+    return jobs
+
+
+def tally(cow: dict[str, Any]) -> tuple[int, int, int]:
+    """(met, missed within noise, missed beyond noise) over the three targets of every job."""
+    cases = case_map(cow)
+    counts = {"": 0, "noise": 0, "miss": 0}
+    for job in runner.job_names(cow):
+        for phase, goal in TARGETS.items():
+            r = cases.get((phase, job), {}).get("bw_ratio")
+            if r is not None:
+                counts[miss_kind(r, goal, runner.noise_of(cow, job))] += 1
+    return counts[""], counts["noise"], counts["miss"]
+
+
+def beats_dm(cow: dict[str, Any]) -> tuple[int, int]:
+    """(jobs whose first write beat dm-snapshot's, jobs where both were measured)."""
+    cases = case_map(cow)
+    won = total = 0
+    for job in runner.job_names(cow):
+        ours = cases.get((FIRST_WRITE, job), {}).get("bw_ratio")
+        dm = cases.get((DM_FIRST_WRITE, job), {}).get("bw_ratio")
+        if ours is not None and dm is not None:
+            total += 1
+            won += ours > dm
+    return won, total
+
+
+def misses(cows: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """Per target phase: every kernel and job that missed it, with the pair ratios and noise."""
+    out: dict[str, list[str]] = {}
+    for kernel, cow in cows.items():
+        cases = case_map(cow)
+        for job in runner.job_names(cow):
+            noise = runner.noise_of(cow, job)
+            for phase, goal in TARGETS.items():
+                c = cases.get((phase, job), {})
+                r = c.get("bw_ratio")
+                if r is None or r >= goal:
+                    continue
+                pairs = ", ".join(fmt(x) for x in c.get("paired_bw", []))
+                within = " (within its noise)" if miss_kind(r, goal, noise) == "noise" else ""
+                noise_text = f"; noise {noise:.0%}" if noise is not None else ""
+                out.setdefault(phase, []).append(
+                    f"{kernel}, {job}: {r:.2f}{within} (pairs {pairs}{noise_text})"
+                )
+    return out
+
+
+def matrix_plot(cows: dict[str, dict[str, Any]], plot_dir: Path) -> Path | None:
+    """One panel per target (first write, rewrite, incremental): each job's ratio on every kernel,
+    grouped by job, with the target as a dashed line."""
+    jobs = all_jobs(cows)
+    if not jobs:
+        return None
+    plt = runner.pyplot()
+    fig, axes = plt.subplots(len(TARGETS), 1, figsize=(12, 3.2 * len(TARGETS)), sharex=True)
+    width = 0.8 / max(len(cows), 1)
+    for ax, (phase, goal) in zip(axes, TARGETS.items(), strict=True):
+        for k, (kernel, cow) in enumerate(cows.items()):
+            cases = case_map(cow)
+            xs = [j + (k - (len(cows) - 1) / 2) * width for j in range(len(jobs))]
+            ys = [cases.get((phase, job), {}).get("bw_ratio") or 0.0 for job in jobs]
+            ax.bar(xs, ys, width=width, color=KERNEL_COLORS[k % len(KERNEL_COLORS)], label=kernel)
+        ax.axhline(goal, color="black", linestyle="--", linewidth=1)
+        ax.axhline(1.0, color="gray", linestyle=":", linewidth=1)
+        ax.set_ylabel("throughput / untracked")
+        ax.set_title(f"{phase} (dashed: target {goal})", fontsize=10)
+    axes[0].legend(fontsize=8, ncol=len(cows), loc="upper right")
+    axes[-1].set_xticks(range(len(jobs)), [j.replace(" buffered", "\nbuffered") for j in jobs], fontsize=8)
+    return runner.save_figure(plt, fig, plot_dir / "matrix_targets.png", dpi=100)
+
+
+def render_write_overhead(cows: dict[str, dict[str, Any]], doc_path: Path, plot_dir: Path) -> list[str]:
+    kernels = list(cows)
+    jobs = all_jobs(cows)
+    md = [
+        "## Write overhead across the kernels",
+        "",
+        "Throughput of each fio job over its paired untracked reference, from each kernel's own run "
+        "(its page has the method, p50/p99 latency and guest CPU ratios, and the plots). Cells: "
+        f"first write / rewrite / incremental (targets {' / '.join(str(g) for g in TARGETS.values())}); "
+        "**bold**: missed by more than that run's noise; *italics*: missed by less than it.",
+        "",
+        md_table(["job", *kernels], [[job] + [target_cell(cows[k], job) for k in kernels] for job in jobs]),
+        "",
+    ]
+    tallies = []
+    for k in kernels:
+        met, noise, miss = tally(cows[k])
+        won, total = beats_dm(cows[k])
+        tallies.append(
+            f"- {k}: {met} of {met + noise + miss} targets met, {noise} missed within the run's noise, "
+            f"{miss} beyond it; first write above dm-snapshot's on {won} of {total} jobs"
+        )
+    md += [*tallies, ""]
+    md += [
+        "Our first write against the peers' in the same guest run (ours / dm-snapshot / dm-thin; "
+        "beating dm-snapshot is a target, dm-thin is a comparison, see a kernel's page for why it "
+        "copies less):",
+        "",
+        md_table(["job", *kernels], [[job] + [peer_cell(cows[k], job) for k in kernels] for job in jobs]),
+        "",
+    ]
+    path = matrix_plot(cows, plot_dir)
+    if path:
+        md += [f"![targets across the kernels]({os.path.relpath(path, doc_path.parent)})", ""]
+    missed = misses(cows)
+    if missed:
+        md += ["### Missed targets, why, and what would close them", ""]
+        for phase, lines in missed.items():
+            md += [
+                f"**{phase} >= {TARGETS[phase]}**, missed by:",
+                "",
+                *[f"- {ln}" for ln in lines],
+                "",
+                f"Why: {runner.WHY[phase]}. What would close it: {runner.CLOSE[phase]}.",
+                "",
+            ]
+    return md
+
+
+# ---------------------------------------------------------------- snapshot latency
+
+
+def latency_row(kernel: str, sl: dict[str, Any]) -> list[str]:
+    """Slowest median of each ioctl over the volume sizes with the fixed COW size."""
+    goal = sl.get("target_ms", 200.0)
+    small = [p for p in runner.latency_points(sl, "volume") if p["falloc_arg"]]
+    if not small:
+        return [kernel, "not measured", "", "", "", ""]
+
+    def slowest(key: str) -> tuple[float, int]:
+        pts = [p for p in small if key in p]
+        if not pts:
+            return float("nan"), 0
+        worst = max(pts, key=lambda p: p[key]["median"])
+        return worst[key]["median"], worst["size_mib"]
+
+    def cell(key: str) -> str:
+        value, size = slowest(key)
+        return "-" if size == 0 else f"{runner.ms(value)} ({size} MiB)"
+
+    minus, size = slowest("setup_minus_prealloc")
+    met = "-" if size == 0 else ("yes" if minus < goal else "**no**")
+    return [
+        kernel,
+        cell("setup"),
+        cell("setup_minus_prealloc"),
+        cell("to_incremental"),
+        cell("to_snapshot"),
+        met,
+    ]
+
+
+def render_latency(docs: dict[str, dict[str, Any]]) -> list[str]:
+    rows = []
+    sizes: set[int] = set()
+    fixed: set[int] = set()
+    for kernel, doc in docs.items():
+        sl = doc.get("benchmarks", {}).get("snapshot_latency", {}).get("results")
+        if sl:
+            rows.append(latency_row(kernel, sl))
+            sizes |= {p["size_mib"] for p in runner.latency_points(sl, "volume")}
+            fixed.add(runner.small_f(sl))
+    if not rows:
+        return []
+    span = (
+        f"{min(sizes)} MiB to {max(sizes) // 1024} GiB" if max(sizes) >= 1024 else f"up to {max(sizes)} MiB"
+    )
+    f = "/".join(str(x) for x in sorted(fixed))
+    header = [
+        "kernel",
+        f"setup-snapshot -f {f}, ms",
+        "setup-snapshot minus the preallocation, ms",
+        "transition-to-incremental, ms",
+        "transition-to-snapshot, ms",
+        "under 200 ms plus the preallocation",
+    ]
+    return [
+        "## Snapshot creation latency across the kernels",
+        "",
+        f"Slowest median over the volume sizes ({span}, size in brackets), with a fixed COW size "
+        f"(`-f {f}`); the preallocation is the same fallocate, zero-fill and fsync done from user "
+        "space in the same cycle. Each kernel's page has every size, the default COW size and the "
+        "dirty page cache series.",
+        "",
+        md_table(header, rows),
+        "",
+    ]
+
+
+# ---------------------------------------------------------------- the page
+
+
+def newest_with(docs: dict[str, dict[str, Any]], key: str) -> tuple[str, dict[str, Any]] | None:
+    """The kernel and entry of the newest run that has results for a benchmark."""
+    having = [
+        (k, d["benchmarks"][key])
+        for k, d in docs.items()
+        if d.get("benchmarks", {}).get(key, {}).get("results")
+    ]
+    if not having:
+        return None
+    return max(having, key=lambda ke: str(ke[1].get("date", "")))
+
+
+def run_row(kernel: str, doc: dict[str, Any], doc_path: Path) -> list[str]:
+    meta = doc.get("meta", {})
+    guest = cow_of(doc) or doc.get("benchmarks", {}).get("snapshot_latency", {}).get("results") or {}
+    entries = doc.get("benchmarks", {})
+    dates = sorted({str(e.get("date") or meta.get("date", "?")) for e in entries.values()})
+    return [
+        f"[{kernel}]({page_of(kernel, doc_path)})",
+        str(guest.get("guest_kernel", "-")),
+        str(guest.get("accel", "-")).split(",")[0].upper(),
+        ", ".join(sorted(entries)),
+        " to ".join([dates[0], dates[-1]] if len(dates) > 1 else dates),
+        str(meta.get("git", "?")),
+        "yes" if meta.get("quick") else "no",
+    ]
+
+
+def render_overview(docs: dict[str, dict[str, Any]], doc_path: Path, plot_dir: Path) -> None:
+    """Write the overview page from every kernel's results (kernel target -> results document)."""
+    first = next(iter(docs.values()), {}).get("meta", {})
+    md = [
+        "# Benchmarks",
+        "",
+        "Generated by `benchmarks/run` from each kernel target's results (do not edit by hand; "
+        "`benchmarks/run --kernel <target>` measures one kernel and renders this page again, "
+        "`benchmarks/run --render-only` renders every page from the results files kept beside them). "
+        "Every ratio is from one run on one kernel, tracked and untracked runs paired in the same "
+        "guest; the host is shared and TCG speed follows its load, so compare ratios, not MiB/s, "
+        "across kernels. Nothing here is asserted.",
+        "",
+        f"- machine: {first.get('nproc', '?')} CPUs ({first.get('cpu_model', '?')}), host kernel "
+        f"{first.get('host_kernel', '?')}",
+        "",
+    ]
+    if not docs:
+        md += ["No results yet: run `benchmarks/run`.", ""]
+    else:
+        header = ["kernel target (its page)", "guest kernel", "accelerator", "benchmarks", "run", "source",
+                  "quick"]  # fmt: skip
+        md += ["Runs:", "", md_table(header, [run_row(k, d, doc_path) for k, d in docs.items()]), ""]
+    cows = {k: c for k, d in docs.items() if (c := cow_of(d))}
+    if cows:
+        md += render_write_overhead(cows, doc_path, plot_dir)
+    md += render_latency(docs)
+    ui = newest_with(docs, "update_img")
+    if ui:
+        md += [
+            *runner.render_update_img(ui[1]["results"])[:-1],
+            "",
+            f"(From the {ui[0]} run of {ui[1]['date']}.)",
+            "",
+        ]
+    gb = newest_with(docs, "guest_boot")
+    if gb:
+        md += [*runner.render_boot(gb[1]["results"]), f"(From the {gb[0]} run of {gb[1]['date']}.)", ""]
+    doc_path.parent.mkdir(parents=True, exist_ok=True)
+    doc_path.write_text("\n".join(md).rstrip() + "\n")
