@@ -44,3 +44,44 @@ def finish_guest(g: Guest, failed: bool, results: dict[str, Any]) -> bool:
         results["kernel_findings"] = str(e)
         return True
     return failed
+
+
+# A command that stops making I/O progress: exit status of watched() after it printed the state.
+STALL_RC = 99
+
+STALL_DUMP = r"""
+echo "=== no I/O completed on any virtio disk for $stall s: block layer state"
+cat /proc/diskstats | awk '$3 ~ /^vd/'
+for q in /sys/block/vd*; do
+  echo "$q inflight: $(cat $q/inflight) wbt_lat_usec: $(cat $q/queue/wbt_lat_usec 2>/dev/null)"
+done
+mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug 2>/dev/null
+for d in /sys/kernel/debug/block/vd*; do
+  for f in $d/rqos/wbt/inflight $d/rqos/wbt/wb_normal $d/rqos/wbt/wb_background \
+           $d/hctx0/state $d/hctx0/busy $d/hctx0/dispatch $d/hctx0/sched_tags; do
+    [ -e $f ] && echo "$f: $(head -c 600 $f | tr '\n' ' ')"
+  done
+done
+cat /proc/datto-info 2>/dev/null
+[ "$sysrq" = 1 ] && { echo w > /proc/sysrq-trigger; sleep 1; }; dmesg 2>&1 | tail -n 200
+"""
+
+
+def watched(cmd: str, stall_s: int = 180, disks: str = "vd", sysrq: bool = True) -> str:
+    """cmd in the background of one guest command, with a watchdog: when no virtio disk completes
+    an I/O for stall_s seconds while it runs, print the block layer's state (in-flight counts, the
+    writeback throttle, the hardware queue, blocked tasks) and exit with STALL_RC instead of
+    waiting for the host's timeout. Output and exit status are cmd's otherwise. Polls every 5 s
+    (a fork or two; the same in a tracked run and its reference). disks: the prefix of the
+    watched devices' names in /proc/diskstats; sysrq: list the blocked tasks (sysrq w) in the dump."""
+    return rf"""dump() {{ {STALL_DUMP}
+}}
+out=$(mktemp); ( {cmd} ) > "$out" 2>&1 & p=$!
+stall={stall_s}; quiet=0; last=""; sysrq={int(sysrq)}
+while kill -0 $p 2>/dev/null; do
+  sleep {min(5, stall_s)}
+  now=$(awk '$3 ~ /^{disks}/ {{print $4, $8}}' /proc/diskstats)
+  if [ "$now" = "$last" ]; then quiet=$((quiet + {min(5, stall_s)})); else quiet=0; last=$now; fi
+  if [ $quiet -ge $stall ]; then cat "$out"; dump; pkill -P $p; kill $p; exit {STALL_RC}; fi
+done
+wait $p; rc=$?; cat "$out"; rm -f "$out"; exit $rc"""

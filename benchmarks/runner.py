@@ -105,13 +105,14 @@ CLOSE = {
         "block device must copy the old data before the write lands"
     ),
     REWRITE: (
-        "a cheaper hook: forwarding a passed write past the traced entry instead of through the "
-        "trampoline a second time, and the plain (not register-saving) ftrace trampoline on kernels "
-        "with DYNAMIC_FTRACE_WITH_ARGS; a run on KVM would first show how much of the gap is TCG's"
+        "a cheaper hook; candidates, not yet measured: a lighter ftrace trampoline (one that does not "
+        "save every register, on kernels that let the callback redirect without it) and no second "
+        "pass through the hook when a passed write is forwarded; a run on KVM would first show how "
+        "much of the gap is TCG's emulation of that path"
     ),
     INCREMENTAL: (
         "the same cheaper hook as for rewrites (the bitmap update itself is one atomic bit set); a "
-        "run on KVM would first show how much of the gap is TCG's"
+        "run on KVM would first show how much of the gap is TCG's emulation of that path"
     ),
 }
 
