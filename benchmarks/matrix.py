@@ -313,7 +313,7 @@ def run_row(kernel: str, doc: dict[str, Any], doc_path: Path) -> list[str]:
         f"[{kernel}]({page_of(kernel, doc_path)})",
         str(guest.get("guest_kernel", "-")),
         str(guest.get("accel", "-")).split(",")[0].upper(),
-        ", ".join(sorted(entries)),
+        ", ".join(k + (" (**failed**)" if e.get("rc") else "") for k, e in sorted(entries.items())),
         " to ".join([dates[0], dates[-1]] if len(dates) > 1 else dates),
         str(meta.get("git", "?")),
         "yes" if meta.get("quick") else "no",

@@ -81,6 +81,7 @@ def test_overview_side_by_side_with_misses_and_why(tmp_path: Path) -> None:
     assert f"What would close it: {runner.CLOSE[runner.REWRITE]}." in md
     assert "**incremental >= 0.95**" not in md  # met everywhere: no section
     assert "[debian-5.10](benchmarks/debian-5.10.md)" in md
+    assert "| cow_overhead | 2026-11-27 20:00 UTC | abc123 | no |" in md
     # each kernel's page names its kernel and links back up
     page = (tmp_path / "benchmarks" / "debian-5.10.md").read_text()
     assert page.startswith("# Benchmarks on debian-5.10\n")
@@ -134,6 +135,7 @@ def test_run_writes_kernel_results_page_and_overview(tmp_path: Path, monkeypatch
     """benchmarks/run --kernel K: results and page under the overview's folder, logs under artifacts,
     then the overview from every kernel (one kept from before)."""
     earlier = kernel_doc("debian-5.10", {runner.REWRITE: 0.5})
+    earlier["benchmarks"]["snapshot_latency"] = {"rc": 1, "error": "guest hung"}
     overview = write_results(tmp_path / "benchmarks", {"debian-5.10": earlier})
     fresh = kernel_doc("debian-7.2", {})["benchmarks"]["cow_overhead"]
 
@@ -151,6 +153,7 @@ def test_run_writes_kernel_results_page_and_overview(tmp_path: Path, monkeypatch
     md = overview.read_text()
     assert "| job | debian-5.10 | debian-7.2 |" in md
     assert "**0.50**" in md  # the earlier kernel's miss is still on the page
+    assert "cow_overhead, snapshot_latency (**failed**)" in md
 
 
 def test_update_img_targets_of_issue_2() -> None:
