@@ -124,7 +124,15 @@ from typing import Any, Generic, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.guestcmd import STALL_RC, BenchError, boot_and_describe, finish_guest, run, watched
+from benchmarks.guestcmd import (
+    STALL_RC,
+    BenchError,
+    boot_and_describe,
+    diagnose_stall,
+    finish_guest,
+    run,
+    watched,
+)
 from harness.errors import GuestCommandError, GuestError
 from harness.guest import CommandResult, Guest
 from harness.qemu import DiskSpec
@@ -421,7 +429,10 @@ def fio_once(g: Guest, job: Job, runtime: int, label: str, timed: bool = False) 
     cmd = watched(with_cpu(fio_cmd(job, runtime, timed)))
     r = g.run(cmd, timeout=runtime + 300 if runtime else FIRST_WRITE_TIMEOUT)
     if r.rc == STALL_RC:
-        raise BenchError(f"{label.strip()} {job.name}: the guest stopped completing I/O\n{r.stdout[-30000:]}")
+        raise BenchError(
+            f"{label.strip()} {job.name}: the guest stopped completing I/O\n{r.stdout[-30000:]}\n"
+            + diagnose_stall(g)
+        )
     if r.rc != 0:
         raise BenchError(f"guest command failed (rc {r.rc}): {cmd}\n{r.stdout[-2000:]}\n{r.stderr}")
     before, after, out = split_cpu(r.stdout)

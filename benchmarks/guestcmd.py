@@ -67,6 +67,47 @@ cat /proc/datto-info 2>/dev/null
 """
 
 
+# Run after a stall, in a new guest command: a lost doorbell or a lost completion interrupt is healed
+# by any new request on the same queue (its notification and its interrupt cover the old request
+# too); a request the device lost is not.
+NUDGE = r"""
+for q in /sys/block/vd*; do
+  set -- $(cat $q/inflight)
+  [ $(($1 + $2)) -gt 0 ] || continue
+  d=${q##*/}
+  timeout 20 dd if=/dev/$d of=/dev/null bs=4096 count=1 iflag=direct status=none; rc=$?
+  sleep 5
+  echo "nudge: one direct read of /dev/$d (rc $rc); in flight before: $1 $2, after: $(cat $q/inflight)"
+done
+"""
+
+
+def virtio_queues(g: Guest) -> str:
+    """QEMU's view of every virtio-blk queue (x-query-virtio-queue-status): which requests the
+    device took from the ring (last_avail_idx, inuse), completed (used_idx) and signalled."""
+    lines = []
+    try:
+        for dev in g.qmp.execute("x-query-virtio"):
+            if dev.get("name") != "virtio-blk":
+                continue
+            st = g.qmp.execute("x-query-virtio-queue-status", {"path": dev["path"], "queue": 0})
+            lines.append(f"{dev['path']}: " + ", ".join(f"{k} {v}" for k, v in st.items() if k != "name"))
+    except Exception as e:  # a diagnosis must not hide the failure it diagnoses
+        lines.append(f"(QEMU's virtio queue status not available: {e})")
+    return "\n".join(lines)
+
+
+def diagnose_stall(g: Guest) -> str:
+    """After watched() reported a stall: QEMU's queue state, then one new request on each stuck
+    disk and whether the old one completed with it, then QEMU's state again."""
+    before = virtio_queues(g)
+    nudge = g.run(NUDGE, timeout=120)
+    return (
+        f"QEMU virtio-blk queues at the stall:\n{before}\n{nudge.stdout}{nudge.stderr}"
+        f"QEMU virtio-blk queues after the nudge:\n{virtio_queues(g)}"
+    )
+
+
 def watched(cmd: str, stall_s: int = 180, disks: str = "vd", sysrq: bool = True) -> str:
     """cmd in the background of one guest command, with a watchdog: when no virtio disk completes
     an I/O for stall_s seconds while it runs, print the block layer's state (in-flight counts, the
