@@ -429,10 +429,9 @@ def fio_once(g: Guest, job: Job, runtime: int, label: str, timed: bool = False) 
     cmd = watched(with_cpu(fio_cmd(job, runtime, timed)))
     r = g.run(cmd, timeout=runtime + 300 if runtime else FIRST_WRITE_TIMEOUT)
     if r.rc == STALL_RC:
-        raise BenchError(
-            f"{label.strip()} {job.name}: the guest stopped completing I/O\n{r.stdout[-30000:]}\n"
-            + diagnose_stall(g)
-        )
+        what = f"{label.strip()} {job.name}: the guest stopped completing I/O"
+        print(f"{what}\n{r.stdout[-30000:]}", flush=True)
+        raise BenchError(f"{what}\n{diagnose_stall(g)}")
     if r.rc != 0:
         raise BenchError(f"guest command failed (rc {r.rc}): {cmd}\n{r.stdout[-2000:]}\n{r.stderr}")
     before, after, out = split_cpu(r.stdout)

@@ -69,22 +69,24 @@ cat /proc/datto-info 2>/dev/null
 
 # Run after a stall, in a new guest command: a lost doorbell or a lost completion interrupt is healed
 # by any new request on the same queue (its notification and its interrupt cover the old request
-# too); a request the device lost is not.
+# too); a request the device lost is not. The read runs in the background: if the queue is dead it
+# never completes, and a task in uninterruptible sleep cannot be killed.
 NUDGE = r"""
 for q in /sys/block/vd*; do
   set -- $(cat $q/inflight)
   [ $(($1 + $2)) -gt 0 ] || continue
   d=${q##*/}
-  timeout 20 dd if=/dev/$d of=/dev/null bs=4096 count=1 iflag=direct status=none; rc=$?
-  sleep 5
-  echo "nudge: one direct read of /dev/$d (rc $rc); in flight before: $1 $2, after: $(cat $q/inflight)"
+  dd if=/dev/$d of=/dev/null bs=4096 count=1 skip=$((RANDOM * 8)) iflag=direct status=none &
+  sleep 10
+  echo "nudge: one direct read of /dev/$d; in flight before: $1 $2, 10 s after: $(cat $q/inflight)"
 done
 """
 
 
 def virtio_queues(g: Guest) -> str:
-    """QEMU's view of every virtio-blk queue (x-query-virtio-queue-status): which requests the
-    device took from the ring (last_avail_idx, inuse), completed (used_idx) and signalled."""
+    """QEMU's view of every virtio-blk queue (x-query-virtio-queue-status: which requests the device
+    took from the ring, last_avail_idx and inuse, completed, used_idx, and signalled), and its
+    block backend's counters (query-blockstats)."""
     lines = []
     try:
         for dev in g.qmp.execute("x-query-virtio"):
@@ -92,20 +94,31 @@ def virtio_queues(g: Guest) -> str:
                 continue
             st = g.qmp.execute("x-query-virtio-queue-status", {"path": dev["path"], "queue": 0})
             lines.append(f"{dev['path']}: " + ", ".join(f"{k} {v}" for k, v in st.items() if k != "name"))
+        for b in g.qmp.execute("query-blockstats"):
+            st = b.get("stats", {})
+            keep = ("rd_operations", "wr_operations", "flush_operations", "failed_wr_operations",
+                    "invalid_wr_operations", "idle_time_ns")  # fmt: skip
+            lines.append(f"{b.get('qdev', b.get('device'))}: " + ", ".join(f"{k} {st.get(k)}" for k in keep))
     except Exception as e:  # a diagnosis must not hide the failure it diagnoses
-        lines.append(f"(QEMU's virtio queue status not available: {e})")
+        lines.append(f"(QEMU's virtio state not available: {e})")
     return "\n".join(lines)
 
 
 def diagnose_stall(g: Guest) -> str:
     """After watched() reported a stall: QEMU's queue state, then one new request on each stuck
-    disk and whether the old one completed with it, then QEMU's state again."""
-    before = virtio_queues(g)
-    nudge = g.run(NUDGE, timeout=120)
-    return (
-        f"QEMU virtio-blk queues at the stall:\n{before}\n{nudge.stdout}{nudge.stderr}"
-        f"QEMU virtio-blk queues after the nudge:\n{virtio_queues(g)}"
-    )
+    disk and whether the old one completed with it, then QEMU's state again. Printed as it goes,
+    so that a guest that stops answering still leaves what was learnt."""
+    out = [f"QEMU virtio-blk queues at the stall:\n{virtio_queues(g)}"]
+    print(out[-1], flush=True)
+    try:
+        nudge = g.run(NUDGE, timeout=120)
+        out.append(nudge.stdout + nudge.stderr)
+    except Exception as e:  # the guest may not answer any more
+        out.append(f"(the nudge did not return: {str(e)[:300]})")
+    print(out[-1], flush=True)
+    out.append(f"QEMU virtio-blk queues after the nudge:\n{virtio_queues(g)}")
+    print(out[-1], flush=True)
+    return "\n".join(out)
 
 
 def watched(cmd: str, stall_s: int = 180, disks: str = "vd", sysrq: bool = True) -> str:
