@@ -67,6 +67,12 @@ def miss_kind(value: float, goal: float, noise: float | None) -> str:
     return "noise" if noise and goal - value <= noise * value else "miss"
 
 
+def measured_targets(cow: dict[str, Any]) -> bool:
+    """Whether a run got as far as any phase with a target (a run that stopped during the first
+    writes has its baseline only)."""
+    return any(c.get("phase") in TARGETS for c in cow.get("cases", []))
+
+
 def target_cell(cow: dict[str, Any], job: str) -> str:
     """first write / rewrite / incremental ratios of one job; a miss in bold, a miss within the run's
     noise in italics."""
@@ -316,7 +322,7 @@ def run_row(kernel: str, doc: dict[str, Any], doc_path: Path) -> list[str]:
         ", ".join(k + (" (**failed**)" if e.get("rc") else "") for k, e in sorted(entries.items())),
         " to ".join([dates[0], dates[-1]] if len(dates) > 1 else dates),
         str(meta.get("git", "?")),
-        "yes" if meta.get("quick") else "no",
+        ("yes" if meta.get("quick") else "no") + (f"; **{meta['note']}**" if meta.get("note") else ""),
     ]
 
 
@@ -341,11 +347,20 @@ def render_overview(docs: dict[str, dict[str, Any]], doc_path: Path, plot_dir: P
         md += ["No results yet: run `benchmarks/run`.", ""]
     else:
         header = ["kernel target (its page)", "guest kernel", "accelerator", "benchmarks", "run", "source",
-                  "quick"]  # fmt: skip
+                  "quick; conditions"]  # fmt: skip
         md += ["Runs:", "", md_table(header, [run_row(k, d, doc_path) for k, d in docs.items()]), ""]
-    cows = {k: c for k, d in docs.items() if (c := cow_of(d))}
+        failed = [
+            f"- {k}, {name}: {e.get('error') or 'exit status ' + str(e.get('rc'))}"
+            for k, d in docs.items()
+            for name, e in sorted(d.get("benchmarks", {}).items())
+            if e.get("rc")
+        ]
+        md += ["Failed:", "", *failed, ""] if failed else []
+    cows = {k: c for k, d in docs.items() if (c := cow_of(d)) and measured_targets(c)}
     if cows:
         md += render_write_overhead(cows, doc_path, plot_dir)
+        missing = ", ".join(k for k in docs if k not in cows)
+        md += [f"Write overhead not measured on: {missing} (see Failed above).", ""] if missing else []
     md += render_latency(docs)
     ui = newest_with(docs, "update_img")
     if ui:

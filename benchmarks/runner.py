@@ -198,16 +198,27 @@ def run_bench(b: Bench, quick: bool, log_dir: Path) -> dict[str, Any]:
                 sys.stdout.write(line)
                 log.write(line)
             rc = proc.wait()
+        why = failure_line(log_path)
         seconds = (datetime.datetime.now(datetime.UTC) - start).total_seconds()
         entry: dict[str, Any] = {"command": shown, "rc": rc, "seconds": seconds, "log": str(log_path)}
         entry["date"] = start.strftime("%Y-%m-%d %H:%M UTC")
         if json_path.exists():
             entry["results"] = json.loads(json_path.read_text())
-        else:
-            entry["error"] = f"{b.script} exited with status {rc} and wrote no results; see {log_path}"
+        if rc != 0 or "results" not in entry:
+            kept = "its numbers are those measured before it stopped" if "results" in entry else "no numbers"
+            entry["error"] = f"{b.script} exited with status {rc}" + (f": {why}" if why else "") + f"; {kept}"
         if rc != 0:
             print(f"=== {b.script} FAILED (exit status {rc}); output kept in {log_path}", flush=True)
         return entry
+
+
+def failure_line(log_path: Path) -> str:
+    """The benchmark's own account of why it failed: its last 'FAILED: ...' line, if any."""
+    try:
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.startswith("FAILED: ")]
+    except OSError:
+        return ""
+    return lines[-1].removeprefix("FAILED: ").strip()[:300] if lines else ""
 
 
 def cpu_model() -> str:
@@ -244,6 +255,7 @@ def machine_meta(args: argparse.Namespace, command: str) -> dict[str, Any]:
         "host_kernel": platform.release(),
         "git": git_revision(),
         "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
+        **({"note": args.note} if getattr(args, "note", None) else {}),
     }
 
 
@@ -1107,7 +1119,9 @@ def render(doc: dict[str, Any], doc_path: Path, plot_dir: Path, overview: Path |
         "Nothing here is asserted.",
         "",
         f"- machine: {meta['nproc']} CPUs ({meta['cpu_model']}), host kernel {meta['host_kernel']}, "
-        f"load average at start {' '.join(meta['loadavg_before'])}",
+        f"load average at start {' '.join(meta['loadavg_before'])}"
+        + (f", at the end {' '.join(meta['loadavg_after'])}" if meta.get("loadavg_after") else ""),
+        *([f"- **conditions**: {meta['note']}"] if meta.get("note") else []),
         f"- kernel target: {meta['kernel_target']}"
         + (f" (guest kernel {guest['guest_kernel']})" if guest else ""),
         f"- accelerator: {accel}",
@@ -1196,6 +1210,7 @@ def main(argv: list[str] | None = None, prog: str = "benchmarks/run") -> int:
     p.add_argument("--out", type=Path, help="results JSON (default doc/benchmarks/<kernel>/results.json)")
     p.add_argument("--doc", type=Path, help="the kernel's page (default doc/benchmarks/<kernel>.md)")
     p.add_argument("--only", default=",".join(ONLY_NAMES), help=f"comma list of {', '.join(ONLY_NAMES)}")
+    p.add_argument("--note", help="what the pages should say about the conditions of this run")
     p.add_argument(
         "--render-only",
         action="store_true",

@@ -154,6 +154,7 @@ def test_run_writes_kernel_results_page_and_overview(tmp_path: Path, monkeypatch
     assert "| job | debian-5.10 | debian-7.2 |" in md
     assert "**0.50**" in md  # the earlier kernel's miss is still on the page
     assert "cow_overhead, snapshot_latency (**failed**)" in md
+    assert "- debian-5.10, snapshot_latency: guest hung" in md.splitlines()
 
 
 def test_update_img_targets_of_issue_2() -> None:
@@ -184,3 +185,26 @@ def test_update_img_targets_of_issue_2() -> None:
     assert "needs a block in 19 µs" in text
     assert "- 50% clustered: 512 MiB in 700 ms" in text
     assert "10% clustered:" not in text.split("Missed targets of issue 2")[1]
+
+
+def test_failure_line_is_the_benchmarks_own_reason(tmp_path: Path) -> None:
+    reason = "snapshot first write randwrite 4k 4 jobs: the guest stopped completing I/O"
+    log = tmp_path / "cow_overhead.log"
+    log.write_text(f"setup\n\nFAILED: {reason}\ncpu  1 2 3\nmore dump\n")
+    assert runner.failure_line(log) == reason
+    assert runner.failure_line(tmp_path / "missing.log") == ""
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_a_run_stopped_before_the_targets_is_listed_not_tabled(tmp_path: Path) -> None:
+    stopped = kernel_doc("debian-5.10", {})
+    cow = stopped["benchmarks"]["cow_overhead"]
+    cow["results"]["cases"] = [c for c in cow["results"]["cases"] if c["phase"] == "baseline"]
+    cow |= {"rc": 1, "error": "cow_overhead.py exited with status 1: the guest stopped completing I/O"}
+    docs = {"debian-5.10": stopped, "debian-6.1": kernel_doc("debian-6.1", {})}
+    overview = write_results(tmp_path / "b", docs)
+    runner.render_all(overview)
+    md = overview.read_text()
+    assert "| job | debian-6.1 |" in md.splitlines()
+    assert "Write overhead not measured on: debian-5.10 (see Failed above)." in md
+    assert "- debian-5.10, cow_overhead: cow_overhead.py exited with status 1: the guest stopped" in md
