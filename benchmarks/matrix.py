@@ -84,8 +84,8 @@ def target_cell(cow: dict[str, Any], job: str) -> str:
         if r is None:
             parts.append("-")
             continue
-        kind = miss_kind(r, goal, noise)
-        parts.append({"": f"{r:.2f}", "noise": f"*{r:.2f}*", "miss": f"**{r:.2f}**"}[kind])
+        kind, text = miss_kind(r, goal, noise), runner.ratio_text(r, goal)
+        parts.append({"": text, "noise": f"*{text}*", "miss": f"**{text}**"}[kind])
     return " / ".join(parts)
 
 
@@ -147,7 +147,7 @@ def misses(cows: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
                 within = " (within its noise)" if miss_kind(r, goal, noise) == "noise" else ""
                 noise_text = f"; noise {noise:.0%}" if noise is not None else ""
                 out.setdefault(phase, []).append(
-                    f"{kernel}, {job}: {r:.2f}{within} (pairs {pairs}{noise_text})"
+                    f"{kernel}, {job}: {runner.ratio_text(r, goal)}{within} (pairs {pairs}{noise_text})"
                 )
     return out
 

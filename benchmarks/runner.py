@@ -281,6 +281,11 @@ def noise_of(cow: dict[str, Any], job: str) -> float | None:
     return None if ref is None else float(ref["noise"])
 
 
+def ratio_text(r: float, goal: float) -> str:
+    """Two decimals, or three where two would round a miss up to the goal (0.9497 is not 0.95)."""
+    return f"{r:.3f}" if r < goal <= round(r, 2) else f"{r:.2f}"
+
+
 def verdict(value: float, goal: float, noise: float | None) -> str:
     met = "yes" if value >= goal else "**no**"
     if noise and abs(value - goal) <= noise * value:
@@ -304,7 +309,7 @@ def target_rows(cow: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             why += f"; would close it: {CLOSE[phase]}" if why else ""
             if why and noise and goal - r <= noise * r:
                 why = f"within this run's noise ({noise:.0%}); else: {why}"
-            rows.append((f"{phase} >= {goal}", job, f"{r:.2f}", verdict(r, goal, noise), why))
+            rows.append((f"{phase} >= {goal}", job, ratio_text(r, goal), verdict(r, goal, noise), why))
         rows += [peer_row(cases, job, phase, name, target) for phase, name, target in PEERS]
     return rows
 

@@ -208,3 +208,9 @@ def test_a_run_stopped_before_the_targets_is_listed_not_tabled(tmp_path: Path) -
     assert "| job | debian-6.1 |" in md.splitlines()
     assert "Write overhead not measured on: debian-5.10 (see Failed above)." in md
     assert "- debian-5.10, cow_overhead: cow_overhead.py exited with status 1: the guest stopped" in md
+
+
+def test_a_miss_is_never_rounded_up_to_its_goal() -> None:
+    assert runner.ratio_text(0.9497, 0.95) == "0.950"
+    assert runner.ratio_text(0.9449, 0.95) == "0.94"
+    assert runner.ratio_text(0.951, 0.95) == "0.95"
