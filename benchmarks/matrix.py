@@ -56,10 +56,6 @@ def page_of(kernel: str, doc_path: Path) -> str:
 # ---------------------------------------------------------------- write overhead
 
 
-def cow_of(doc: dict[str, Any]) -> dict[str, Any] | None:
-    return runner.cow_results(doc)
-
-
 def miss_kind(value: float, goal: float, noise: float | None) -> str:
     """'' when met, 'noise' when missed by less than the run's noise, 'miss' otherwise."""
     if value >= goal:
@@ -312,8 +308,8 @@ def newest_with(docs: dict[str, dict[str, Any]], key: str) -> tuple[str, dict[st
 
 def run_row(kernel: str, doc: dict[str, Any], doc_path: Path) -> list[str]:
     meta = doc.get("meta", {})
-    guest = cow_of(doc) or doc.get("benchmarks", {}).get("snapshot_latency", {}).get("results") or {}
     entries = doc.get("benchmarks", {})
+    guest = runner.cow_results(doc) or entries.get("snapshot_latency", {}).get("results") or {}
     dates = sorted({str(e.get("date") or meta.get("date", "?")) for e in entries.values()})
     return [
         f"[{kernel}]({page_of(kernel, doc_path)})",
@@ -356,7 +352,7 @@ def render_overview(docs: dict[str, dict[str, Any]], doc_path: Path, plot_dir: P
             if e.get("rc")
         ]
         md += ["Failed:", "", *failed, ""] if failed else []
-    cows = {k: c for k, d in docs.items() if (c := cow_of(d)) and measured_targets(c)}
+    cows = {k: c for k, d in docs.items() if (c := runner.cow_results(d)) and measured_targets(c)}
     if cows:
         md += render_write_overhead(cows, doc_path, plot_dir)
         missing = ", ".join(k for k in docs if k not in cows)

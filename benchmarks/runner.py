@@ -406,7 +406,6 @@ def render_plots(cow: dict[str, Any], plot_dir: Path) -> list[tuple[str, Path]]:
     plt = pyplot()
     from matplotlib.patches import Patch
 
-    plot_dir.mkdir(parents=True, exist_ok=True)
     cpu = has_cpu(cow)
     out = []
     for job in job_names(cow):
