@@ -57,11 +57,12 @@ for q in /sys/block/vd*; do
 done
 mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug 2>/dev/null
 for d in /sys/kernel/debug/block/vd*; do
-  for f in $d/rqos/wbt/inflight $d/rqos/wbt/wb_normal $d/rqos/wbt/wb_background \
-           $d/hctx0/state $d/hctx0/busy $d/hctx0/dispatch $d/hctx0/sched_tags; do
+  for f in $d/rqos/wbt/inflight $d/rqos/wbt/wb_normal $d/rqos/wbt/wb_background $d/state \
+           $d/hctx*/state $d/hctx*/busy $d/hctx*/dispatch $d/hctx*/sched_tags $d/hctx*/tags; do
     [ -e $f ] && echo "$f: $(head -c 600 $f | tr '\n' ' ')"
   done
 done
+grep -E 'virtio|CPU' /proc/interrupts
 cat /proc/datto-info 2>/dev/null
 [ "$sysrq" = 1 ] && { echo w > /proc/sysrq-trigger; sleep 1; }; dmesg 2>&1 | tail -n 200
 """
@@ -76,11 +77,40 @@ for q in /sys/block/vd*; do
   set -- $(cat $q/inflight)
   [ $(($1 + $2)) -gt 0 ] || continue
   d=${q##*/}
-  dd if=/dev/$d of=/dev/null bs=4096 count=1 skip=$((RANDOM * 8)) iflag=direct status=none &
+  # one read from each CPU: each CPU submits to its own hardware queue
+  for c in $(seq 0 $(($(nproc) - 1))); do
+    taskset -c $c dd if=/dev/$d of=/dev/null bs=4096 count=1 skip=$((RANDOM * 8)) iflag=direct status=none &
+  done
   sleep 10
-  echo "nudge: one direct read of /dev/$d; in flight before: $1 $2, 10 s after: $(cat $q/inflight)"
+  echo "nudge: a direct read of /dev/$d from each CPU; in flight before: $1 $2, 10 s on: $(cat $q/inflight)"
 done
 """
+
+
+def guest_u16(g: Guest, addr: int) -> int:
+    """A 16-bit word of guest-physical memory, read through the monitor's xp command."""
+    out = g.qmp.execute("human-monitor-command", {"command-line": f"xp /1hx {addr:#x}"})
+    return int(str(out).split(":")[-1].strip(), 16)
+
+
+def ring_words(g: Guest, st: dict[str, Any]) -> str:
+    """The split ring's words as the guest wrote them (virtio 1.x layout): the avail ring's flags and
+    idx with the used_event after its entries, the used ring's flags and idx with the avail_event
+    after its entries. Beside QEMU's last_avail_idx, shadow_avail_idx, used_idx and signalled_used
+    they tell a doorbell the device never saw from an interrupt the guest never saw."""
+    try:
+        num, avail, used = int(st["vring-num"]), int(st["vring-avail"]), int(st["vring-used"])
+        words = {
+            "avail.flags": guest_u16(g, avail),
+            "avail.idx": guest_u16(g, avail + 2),
+            "used_event": guest_u16(g, avail + 4 + 2 * num),
+            "used.flags": guest_u16(g, used),
+            "used.idx": guest_u16(g, used + 2),
+            "avail_event": guest_u16(g, used + 4 + 8 * num),
+        }
+    except Exception as e:  # a diagnosis must not hide the failure it diagnoses
+        return f"(not readable: {e})"
+    return ", ".join(f"{k} {v}" for k, v in words.items())
 
 
 def virtio_queues(g: Guest) -> str:
@@ -92,8 +122,15 @@ def virtio_queues(g: Guest) -> str:
         for dev in g.qmp.execute("x-query-virtio"):
             if dev.get("name") != "virtio-blk":
                 continue
-            st = g.qmp.execute("x-query-virtio-queue-status", {"path": dev["path"], "queue": 0})
-            lines.append(f"{dev['path']}: " + ", ".join(f"{k} {v}" for k, v in st.items() if k != "name"))
+            # one request queue per vCPU by default (QEMU >= 5.2): the stuck one may be any of them
+            for queue in range(64):
+                try:
+                    st = g.qmp.execute("x-query-virtio-queue-status", {"path": dev["path"], "queue": queue})
+                except Exception:  # past the last queue
+                    break
+                state = ", ".join(f"{k} {v}" for k, v in st.items() if k != "name")
+                lines.append(f"{dev['path']} queue {queue}: {state}")
+                lines.append(f"  guest's rings: {ring_words(g, st)}")
         for b in g.qmp.execute("query-blockstats"):
             st = b.get("stats", {})
             keep = ("rd_operations", "wr_operations", "flush_operations", "failed_wr_operations",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from benchmarks.guestcmd import STALL_RC, watched
+from benchmarks.guestcmd import STALL_RC, ring_words, watched
 
 
 def bash(script: str) -> subprocess.CompletedProcess[str]:
@@ -23,3 +23,33 @@ def test_a_command_without_io_progress_is_stopped_with_the_block_state() -> None
     assert r.returncode == STALL_RC
     assert r.stdout.startswith("started\n=== no I/O completed on any virtio disk for 2 s")
     assert "never" not in r.stdout
+
+
+class FakeQMP:
+    """Answers the monitor's `xp /1hx ADDR` from a dict of guest-physical 16-bit words."""
+
+    def __init__(self, words: dict[int, int]) -> None:
+        self.words = words
+
+    def execute(self, cmd: str, args: dict[str, str]) -> str:
+        assert cmd == "human-monitor-command"
+        addr = int(args["command-line"].split()[-1], 16)
+        return f"{addr:016x}: {self.words[addr]:#06x}\r\n"
+
+
+class FakeGuest:
+    def __init__(self, words: dict[int, int]) -> None:
+        self.qmp = FakeQMP(words)
+
+
+def test_ring_words_read_the_split_ring_layout() -> None:
+    avail, used, num = 0x1000, 0x2000, 4
+    words = {avail: 1, avail + 2: 13, avail + 4 + 2 * num: 12, used: 0, used + 2: 12, used + 4 + 8 * num: 13}
+    st = {"vring-num": num, "vring-avail": avail, "vring-used": used}
+    text = ring_words(FakeGuest(words), st)  # type: ignore[arg-type]
+    assert text == "avail.flags 1, avail.idx 13, used_event 12, used.flags 0, used.idx 12, avail_event 13"
+
+
+def test_ring_words_never_raise() -> None:
+    st = {"vring-num": 4, "vring-avail": 0x1000, "vring-used": 0x2000}
+    assert ring_words(FakeGuest({}), st).startswith("(not readable: ")  # type: ignore[arg-type]
