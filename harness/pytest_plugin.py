@@ -21,6 +21,12 @@ the header says so.
 Debug kernels (`debug = true` in vmimages/matrix.toml: KASAN, lockdep, kmemleak; several times
 slower under TCG) run only the tests marked `debugkernel`, deep or not; the rest is deselected
 there. Every guest on a debug kernel ends with a kmemleak scan, and a leak fails the test.
+
+Soak runs: tests marked `soak`, and on a debug kernel the tests marked `debugkernel(soak=True)`,
+run only with `--soak` (or DBD_SOAK=1): the nightly workflow gives it, `./run-tests` does not. They
+are the variants too slow for every change on a slow 2-core TCG machine whose paths a cheaper test
+in `./run-tests` already covers (a 2 GiB XFS volume beside the 2 GiB ext4 one; the debug kernel's
+reboots and long workloads beside its reload and fuzz tests). The header says what was left out.
 """
 
 from __future__ import annotations
@@ -89,6 +95,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=os.environ.get("DBD_LONG") == "1",
         help="also run the tests marked long (gigabyte volumes, minutes-long races)",
     )
+    group.addoption(
+        "--soak",
+        action="store_true",
+        default=os.environ.get("DBD_SOAK") == "1",
+        help="also run the nightly tier: tests marked soak, and debugkernel(soak=True) on debug kernels",
+    )
 
 
 _CONFIG: dict[str, pytest.Config] = {}
@@ -105,6 +117,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line("markers", "debugonly: runs only on the debug kernels")
     config.addinivalue_line("markers", "long: many minutes under TCG; only with --long (run-tests gives it)")
+    config.addinivalue_line("markers", "soak: nightly tier; only with --soak (run-tests does not give it)")
 
 
 def selected_kernels(config: pytest.Config) -> list[str]:
@@ -136,18 +149,24 @@ def pytest_report_header(config: pytest.Config) -> str:
     line = f"guest kernels: all tests on {', '.join(deep) or 'none'}"
     line += f"; without the deep ones on {', '.join(subset)}" if subset else ""
     line += f"; only the debugkernel ones on {', '.join(debug)}" if debug else ""
+    line += "; long ones included" if config.getoption("--long") else "; long ones deselected (--long)"
     return line + (
-        "; long ones included" if config.getoption("--long") else "; long ones deselected (--long)"
+        "; soak ones included" if config.getoption("--soak") else "; soak ones deselected (--soak)"
     )
 
 
-def _runs_on(item: pytest.Item, deep: set[str], long: bool = False) -> bool:
+def _runs_on(item: pytest.Item, deep: set[str], long: bool = False, soak: bool = False) -> bool:
     """Whether this instance runs at this matrix depth (see the module docstring)."""
     if item.get_closest_marker("long") and not long:
         return False
+    if item.get_closest_marker("soak") and not soak:
+        return False
     target = _target_of(item)
     if target is not None and images.is_debug_target(target):
-        return any(item.get_closest_marker(m) for m in ("debugkernel", "debugonly"))
+        debugkernel = item.get_closest_marker("debugkernel")
+        if debugkernel is not None and debugkernel.kwargs.get("soak") and not soak:
+            return False
+        return debugkernel is not None or item.get_closest_marker("debugonly") is not None
     if item.get_closest_marker("debugonly"):
         return False
     return not item.get_closest_marker("deep") or target in deep
@@ -162,7 +181,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     deep = set(deep_kernels(config))
     long = bool(config.getoption("--long"))
-    shallow = [item for item in items if not _runs_on(item, deep, long)]
+    soak = bool(config.getoption("--soak"))
+    shallow = [item for item in items if not _runs_on(item, deep, long, soak)]
     if shallow:
         config.hook.pytest_deselected(items=shallow)
         dropped = {id(item) for item in shallow}

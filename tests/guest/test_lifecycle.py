@@ -327,14 +327,20 @@ def test_raw_writes_while_dormant_are_tracked(module_guest: Guest, ext4_volume: 
 # Cache size of the reload: 0 is the default; 1 byte leaves room for no index section (spec 4.6), so
 # the reloaded index stays in the file and every section is read back when it is needed.
 # The default-cache reloads also run on the debug kernel: CI's consistency round has no reboot.
+# There the snapshot reload (index sections read back) is in every CI run; the incremental reload,
+# six minutes of debug-kernel reboots on a slow machine, is in the nightly soak tier.
 RELOAD_CACHES = [
     pytest.param(0, id="default-cache", marks=pytest.mark.debugkernel),
     pytest.param(1, id="1-byte-cache", marks=pytest.mark.deep),
 ]
+INCREMENTAL_RELOAD_CACHES = [
+    pytest.param(0, id="default-cache", marks=pytest.mark.debugkernel(soak=True)),
+    RELOAD_CACHES[1],
+]
 
 
 @pytest.mark.guest_config(disks=TWO_DISKS)
-@pytest.mark.parametrize("cache", RELOAD_CACHES)
+@pytest.mark.parametrize("cache", INCREMENTAL_RELOAD_CACHES)
 def test_reload_incremental_after_clean_reboot(module_guest: Guest, ext4_volume: Volume, cache: int) -> None:
     """A cleanly unmounted incremental survives a reboot: reload-incremental before the mount gives
     an unverified tracer (4); the rw mount activates it (2) with seqid, uuid and change count kept,
@@ -374,7 +380,7 @@ def test_reload_incremental_after_clean_reboot(module_guest: Guest, ext4_volume:
     g.assert_no_kernel_findings()
 
 
-@pytest.mark.debugkernel
+@pytest.mark.debugkernel(soak=True)  # nightly there: a power cut and two debug-kernel boots
 def test_power_cut_leaves_reload_unverified_with_einval(module_guest: Guest, ext4_volume: Volume) -> None:
     """After a power cut the COW file's header is dirty: the reloaded tracer is not activated by the
     mount (stays 4, error -22, reported in INFO, /proc and dmesg), not by a second mount either, and

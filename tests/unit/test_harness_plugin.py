@@ -133,6 +133,51 @@ def test_long_tests_run_only_with_the_long_option(
     assert "test_long[debian-6.1]" in ids
 
 
+SOAK_TESTS = """
+import pytest
+
+@pytest.mark.soak
+def test_soak(target):
+    pass
+
+@pytest.mark.debugkernel(soak=True)
+def test_debug_soak(target):
+    pass
+
+@pytest.mark.debugkernel
+def test_debug_every_change(target):
+    pass
+"""
+
+
+def test_soak_tier_runs_only_with_the_soak_option(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`soak` tests and, on a debug kernel, `debugkernel(soak=True)` ones need --soak (DBD_SOAK=1);
+    on a stock kernel debugkernel(soak=True) is an ordinary test."""
+    from harness import images
+
+    debug = next(k for k in images.all_targets() if images.is_debug_target(k))
+    kernels = f"debian-6.1,{debug}"
+    monkeypatch.delenv("DBD_SOAK", raising=False)
+    pytester.makeconftest('pytest_plugins = ["harness.pytest_plugin"]')
+    pytester.makepyfile(test_s=SOAK_TESTS)
+
+    def ids(*args: str) -> set[str]:
+        res = pytester.runpytest("--kernel", kernels, *args, "--collect-only", "-q")
+        return {line.split("::")[1] for line in res.stdout.lines if line.startswith("test_s.py::")}
+
+    every_change = {"test_debug_soak[debian-6.1]", "test_debug_every_change[debian-6.1]"}
+    every_change.add(f"test_debug_every_change[{debug}]")
+    assert ids() == every_change
+    soaked = every_change | {"test_soak[debian-6.1]", f"test_debug_soak[{debug}]"}
+    assert ids("--soak") == soaked
+    header = pytester.runpytest("--kernel", kernels, "--collect-only").stdout.str()
+    assert "soak ones deselected (--soak)" in header
+    monkeypatch.setenv("DBD_SOAK", "1")
+    assert ids() == soaked
+
+
 SCENARIO_TESTS = """
 def _scenario(request, blocks):
     request.node.user_properties.extend([("oracle_scenario", 1), ("oracle_blocks_verified", blocks),
