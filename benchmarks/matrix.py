@@ -306,25 +306,40 @@ def newest_with(docs: dict[str, dict[str, Any]], key: str) -> tuple[str, dict[st
     return max(having, key=lambda ke: str(ke[1].get("date", "")))
 
 
+def machine_of(meta: dict[str, Any]) -> str:
+    """The host a run measured on, as the results' meta (or a kept section's origin) records it."""
+    if not meta.get("cpu_model"):
+        return "not recorded"  # kept from a run older than the record of it
+    return f"{meta.get('nproc', '?')} CPUs ({meta['cpu_model']}), host kernel {meta.get('host_kernel', '?')}"
+
+
 def run_row(kernel: str, doc: dict[str, Any], doc_path: Path) -> list[str]:
+    """One kernel's row of the runs table; a section kept from an earlier run (--only) gets its own
+    start, machine and source, since that run may have been on another host."""
     meta = doc.get("meta", {})
     entries = doc.get("benchmarks", {})
     guest = runner.cow_results(doc) or entries.get("snapshot_latency", {}).get("results") or {}
-    dates = sorted({str(e.get("date") or meta.get("date", "?")) for e in entries.values()})
+    started, machines, sources = [], [], []
+    for key, e in sorted(entries.items()):
+        origin = e.get("kept_from") or meta
+        started.append(f"{key}: {e.get('date') or origin.get('date', '?')}")
+        kept = f" ({key})" if "kept_from" in e else ""
+        machines.append(machine_of(origin) + kept)
+        sources.append(str(origin.get("git") or "not recorded") + kept)
     return [
         f"[{kernel}]({page_of(kernel, doc_path)})",
         str(guest.get("guest_kernel", "-")),
         str(guest.get("accel", "-")).split(",")[0].upper(),
         ", ".join(k + (" (**failed**)" if e.get("rc") else "") for k, e in sorted(entries.items())),
-        " to ".join([dates[0], dates[-1]] if len(dates) > 1 else dates),
-        str(meta.get("git", "?")),
+        "; ".join(started),
+        "; ".join(dict.fromkeys(machines)),
+        "; ".join(dict.fromkeys(sources)),
         ("yes" if meta.get("quick") else "no") + (f"; **{meta['note']}**" if meta.get("note") else ""),
     ]
 
 
 def render_overview(docs: dict[str, dict[str, Any]], doc_path: Path, plot_dir: Path) -> None:
     """Write the overview page from every kernel's results (kernel target -> results document)."""
-    first = next(iter(docs.values()), {}).get("meta", {})
     md = [
         "# Benchmarks",
         "",
@@ -333,17 +348,15 @@ def render_overview(docs: dict[str, dict[str, Any]], doc_path: Path, plot_dir: P
         "`benchmarks/run --render-only` renders every page from the results files kept beside them). "
         "Every ratio is from one run on one kernel, tracked and untracked runs paired in the same "
         "guest; the host is shared and TCG speed follows its load, so compare ratios, not MiB/s, "
-        "across kernels. Nothing here is asserted.",
-        "",
-        f"- machine: {first.get('nproc', '?')} CPUs ({first.get('cpu_model', '?')}), host kernel "
-        f"{first.get('host_kernel', '?')}",
+        "across kernels (and runs may come from different machines: see the runs table). Nothing here "
+        "is asserted.",
         "",
     ]
     if not docs:
         md += ["No results yet: run `benchmarks/run`.", ""]
     else:
-        header = ["kernel target (its page)", "guest kernel", "accelerator", "benchmarks", "run", "source",
-                  "quick; conditions"]  # fmt: skip
+        header = ["kernel target (its page)", "guest kernel", "accelerator", "benchmarks", "started",
+                  "machine", "source", "quick; conditions"]  # fmt: skip
         md += ["Runs:", "", md_table(header, [run_row(k, d, doc_path) for k, d in docs.items()]), ""]
         failed = [
             f"- {k}, {name}: {e.get('error') or 'exit status ' + str(e.get('rc'))}"

@@ -67,7 +67,9 @@ WHY = {
     FIRST_WRITE: (
         "a first write waits until the old data of its blocks is read (the COW write to the same disk "
         "then overlaps it): one more I/O in its path and one beside it per block, each paying emulated "
-        "CPU under TCG; the worker reads a batch 1 MiB at a time, so parallel writers queue behind it"
+        "CPU under TCG; the worker preserves a batch in rounds of up to 4 MiB with all of a round's "
+        "reads in flight (modules before eed2341 read 1 MiB at a time, one read after another, and "
+        "parallel writers queued behind them), and a write arriving during a round waits for the next"
     ),
     "vs dm-snapshot": (
         "dm-snapshot copies each chunk to a separate COW disk, so its copies do not compete with the "
@@ -93,8 +95,9 @@ WHY = {
 # What would close each gap (the issue asks for it beside every miss).
 CLOSE = {
     FIRST_WRITE: (
-        "reading the old data of a batch's chunks with several reads in flight instead of one 1 MiB "
-        "read after another, so that parallel writers stop queueing behind a single read"
+        "for runs of a module before eed2341, reading a batch's old data with all reads in flight "
+        "(done since); after it, overlapping the next round's reads with the current round's COW "
+        "write, and a run on KVM to show how much of the gap is TCG's emulation of the extra I/O"
     ),
     "vs dm-snapshot": (
         "a COW file on another disk, which dattobd's design (the COW file on the snapshotted volume) "
@@ -1177,7 +1180,10 @@ def earlier_entries(out: Path, running: set[str]) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         return {}
     meta = earlier.get("meta", {})
-    origin = {k: meta.get(k) for k in ("date", "command", "quick")}
+    # the machine and source too: a kept section may come from another host than the new run's
+    origin = {
+        k: meta.get(k) for k in ("date", "command", "quick", "git", "nproc", "cpu_model", "host_kernel")
+    }
     kept = {}
     for key, entry in earlier.get("benchmarks", {}).items():
         if key not in running:

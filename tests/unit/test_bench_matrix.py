@@ -81,7 +81,8 @@ def test_overview_side_by_side_with_misses_and_why(tmp_path: Path) -> None:
     assert f"What would close it: {runner.CLOSE[runner.REWRITE]}." in md
     assert "**incremental >= 0.95**" not in md  # met everywhere: no section
     assert "[debian-5.10](benchmarks/debian-5.10.md)" in md
-    assert "| cow_overhead | 2026-11-27 20:00 UTC | abc123 | no |" in md
+    machine = "2 CPUs (test CPU), host kernel 6.0"
+    assert f"| cow_overhead | cow_overhead: 2026-11-27 20:00 UTC | {machine} | abc123 | no |" in md
     # each kernel's page names its kernel and links back up
     page = (tmp_path / "benchmarks" / "debian-5.10.md").read_text()
     assert page.startswith("# Benchmarks on debian-5.10\n")
@@ -89,6 +90,29 @@ def test_overview_side_by_side_with_misses_and_why(tmp_path: Path) -> None:
     assert f"would close it: {runner.CLOSE[runner.REWRITE]}" in page
     # no latency, update-img or boot results: no such sections
     assert "## Snapshot creation latency" not in md and "## Guest boot" not in md
+
+
+def test_a_section_kept_from_a_run_on_another_machine_names_that_machine(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    earlier = kernel_doc("debian-5.10", {})
+    earlier["meta"] |= {"cpu_model": "old CPU", "host_kernel": "5.0", "git": "old111"}
+    earlier["benchmarks"]["snapshot_latency"] = {"rc": 0, "date": "2026-11-01 10:00 UTC", "results": {}}
+    out.write_text(json.dumps(earlier))
+    kept = runner.earlier_entries(out, running={"cow_overhead"})
+    assert set(kept) == {"snapshot_latency"}
+    now = kernel_doc("debian-5.10", {})
+    now["benchmarks"] |= kept
+    row = matrix.run_row("debian-5.10", now, tmp_path / "b.md")
+    started, machine, source = row[4:7]
+    assert started == "cow_overhead: 2026-11-27 20:00 UTC; snapshot_latency: 2026-11-01 10:00 UTC"
+    assert machine.split("; ") == [
+        "2 CPUs (test CPU), host kernel 6.0",
+        "2 CPUs (old CPU), host kernel 5.0 (snapshot_latency)",
+    ]
+    assert source == "abc123; old111 (snapshot_latency)"
+    # a section kept before the machine was recorded says so instead of borrowing the new run's
+    del now["benchmarks"]["snapshot_latency"]["kept_from"]["cpu_model"]
+    assert "not recorded (snapshot_latency)" in matrix.run_row("debian-5.10", now, tmp_path / "b.md")[5]
 
 
 @pytest.mark.usefixtures("no_plots")
