@@ -325,6 +325,33 @@ def test_render_old_results_without_new_fields(tmp_path: Path) -> None:
     assert "| snapshot rewrite >= 0.9 | randwrite 4k | 0.97 | yes" in md
 
 
+def rewrite_miss_doc(quick: bool, kept: bool) -> dict[str, Any]:
+    """A run whose rewrite ratio misses by far more than its noise; kept: the cow section comes from
+    an earlier run (whose quickness then decides, not the last command's)."""
+    doc = results_doc(new_fields=True)
+    for c in doc["benchmarks"]["cow_overhead"]["results"]["cases"]:
+        if c["phase"] == runner.REWRITE:
+            c["bw_ratio"], c["paired_bw"] = 0.5, [0.5]
+    if kept:
+        doc["benchmarks"]["cow_overhead"]["kept_from"] = {"date": "earlier", "quick": quick}
+        doc["meta"]["quick"] = not quick
+    else:
+        doc["meta"]["quick"] = quick
+    return doc
+
+
+@pytest.mark.usefixtures("no_plots")
+@pytest.mark.parametrize("kept", [False, True])
+@pytest.mark.parametrize("quick", [False, True])
+def test_a_miss_asks_for_a_full_run_only_when_the_cow_run_was_quick(
+    tmp_path: Path, quick: bool, kept: bool
+) -> None:
+    md = render(rewrite_miss_doc(quick, kept), tmp_path)
+    (row,) = [ln for ln in md.splitlines() if ln.startswith("| snapshot rewrite >= 0.9 | seqwrite 1M |")]
+    assert "| **no** |" in row and "fixed cost per write" in row
+    assert ("needs a full-size run" in row) == quick
+
+
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed: plots not rendered")
 @pytest.mark.parametrize("new_fields", [True, False])
 def test_render_plots_per_job(tmp_path: Path, new_fields: bool) -> None:
