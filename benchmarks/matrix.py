@@ -142,6 +142,7 @@ def misses(cows: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
                 pairs = ", ".join(fmt(x) for x in c.get("paired_bw", []))
                 within = " (within its noise)" if miss_kind(r, goal, noise) == "noise" else ""
                 noise_text = f"; noise {noise:.0%}" if noise is not None else ""
+                noise_text += runner.pair_spread_text(cow, job)
                 out.setdefault(phase, []).append(
                     f"{kernel}, {job}: {runner.ratio_text(r, goal)}{within} (pairs {pairs}{noise_text})"
                 )

@@ -57,6 +57,8 @@ def kernel_dir(overview: Path, kernel: str) -> Path:
 FIRST_WRITE, REWRITE, INCREMENTAL = "snapshot first write", "snapshot rewrite", "incremental"
 DM_FIRST_WRITE, DM_REWRITE = "dm-snapshot first write", "dm-snapshot rewrite"
 THIN_FIRST_WRITE, THIN_REWRITE = "dm-thin first write", "dm-thin rewrite"
+# The untracked series (also in cow_overhead.py): their pairs of two untracked runs show the noise.
+UNTRACKED = ("baseline", "baseline after destroy", "baseline at end")
 # The peers our first writes are compared with: (first-write phase, name in the targets table,
 # whether issue 9 sets beating it as a target: it names dm-snapshot only).
 PEERS = ((DM_FIRST_WRITE, "dm-snapshot", True), (THIN_FIRST_WRITE, "dm-thin", False))
@@ -446,6 +448,17 @@ def job_text(job: dict[str, Any]) -> str:
     return f"{job['name']} over {job['size_mib']} MiB ({io}, {procs})"
 
 
+def pair_spread_text(cow: dict[str, Any], job: str) -> str:
+    """The range of a job's single untracked/untracked pair ratios. The noise that verdicts use
+    compares medians of three pairs, as the tracked ratios are; single pairs spread wider, and a
+    reader weighing one pair ratio of a miss needs that spread."""
+    untracked = [c for c in cow.get("cases", []) if c["job"] == job and c["phase"] in UNTRACKED]
+    pairs = [x for c in untracked for x in c.get("paired_bw", [])]
+    if len(pairs) < 2:
+        return ""
+    return f"; its {len(pairs)} single untracked pairs from {min(pairs):.2f} to {max(pairs):.2f}"
+
+
 def render_cow(cow: dict[str, Any], plots: list[tuple[str, Path]], doc_path: Path) -> list[str]:
     sizes = cow.get("sizes_mib", {})
     jobs = "; ".join(job_text(j) for j in cow.get("jobs", []))
@@ -522,7 +535,7 @@ def render_cow(cow: dict[str, Any], plots: list[tuple[str, Path]], doc_path: Pat
         f"- {job}: {r['bw_mib_s']:.2f} MiB/s, p50 {r['clat_p50_us']:.0f} µs, p99 {r['clat_p99_us']:.0f} µs"
         + (f", guest CPU {r['cpu_s_per_gib']:.2f} s/GiB" if r.get("cpu_s_per_gib") else "")
         + f" (median of the {r['runs']} untracked runs); noise (untracked phases' ratios from 1): "
-        f"{r['noise']:.0%}"
+        f"{r['noise']:.0%}" + pair_spread_text(cow, job)
         for job, r in refs.items()
     ]
     if ref_lines:

@@ -352,6 +352,20 @@ def test_a_miss_asks_for_a_full_run_only_when_the_cow_run_was_quick(
     assert ("needs a full-size run" in row) == quick
 
 
+@pytest.mark.usefixtures("no_plots")
+def test_untracked_speed_names_the_spread_of_single_pairs(tmp_path: Path) -> None:
+    doc = results_doc(new_fields=True)
+    for c in doc["benchmarks"]["cow_overhead"]["results"]["cases"]:
+        if c["phase"] == "baseline" and c["job"] == "seqwrite 1M":
+            c["paired_bw"] = [0.8, 1.25, 1.0]
+    lines = [ln for ln in render(doc, tmp_path).splitlines() if "(median of the" in ln]
+    (seq,) = [ln for ln in lines if ln.startswith("- seqwrite 1M:")]
+    assert seq.endswith("; its 3 single untracked pairs from 0.80 to 1.25")
+    # one pair has no spread to state
+    (other,) = [ln for ln in lines if ln.startswith("- randwrite 4k buffered 4 jobs:")]
+    assert "single untracked pairs" not in other
+
+
 @pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed: plots not rendered")
 @pytest.mark.parametrize("new_fields", [True, False])
 def test_render_plots_per_job(tmp_path: Path, new_fields: bool) -> None:

@@ -92,6 +92,17 @@ def test_overview_side_by_side_with_misses_and_why(tmp_path: Path) -> None:
     assert "## Snapshot creation latency" not in md and "## Guest boot" not in md
 
 
+def test_a_miss_names_the_spread_of_its_jobs_single_untracked_pairs() -> None:
+    doc = kernel_doc("debian-5.10", {runner.REWRITE: 0.7})
+    cow = doc["benchmarks"]["cow_overhead"]["results"]
+    for c in cow["cases"]:
+        if c["phase"] == "baseline" and c["job"] == "seqwrite 1M":
+            c["paired_bw"] = [0.9, 1.2, 1.05]
+    lines = matrix.misses({"debian-5.10": cow})[runner.REWRITE]
+    spread = "its 3 single untracked pairs from 0.90 to 1.20"
+    assert lines[0] == f"debian-5.10, seqwrite 1M: 0.70 (pairs 0.70; noise 5%; {spread})"
+
+
 def test_a_section_kept_from_a_run_on_another_machine_names_that_machine(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     earlier = kernel_doc("debian-5.10", {})
