@@ -101,8 +101,13 @@ def test_corrupt_cow_files_are_refused_at_reload(module_guest: Guest, oracles: O
     header checks refuse with an error and leave the tracer unverified; other corruptions are refused
     or survive with a readable snapshot; never a kernel warning."""
     g, o = module_guest, oracles
+    # Inode tables initialised by mkfs, so no background ext4lazyinit writes follow a mount: in one
+    # run (6.12, seed 770008; the same seed passed three times after) something written right after
+    # a reload's mount filled the 8 MiB COW file (EFBIG: tracer failed, snapshot unreadable);
+    # lazyinit's timer-paced writes are the likely source, not yet proven.
     g.check(
-        "mkfs.ext4 -q -F -O ^orphan_file /dev/vdb && mkdir -p /mnt/vol && mount /dev/vdb /mnt/vol && "
+        "mkfs.ext4 -q -F -O ^orphan_file -E lazy_itable_init=0,lazy_journal_init=0 /dev/vdb && "
+        "mkdir -p /mnt/vol && mount /dev/vdb /mnt/vol && "
         "dd if=/dev/urandom of=/mnt/vol/a bs=1M count=4 conv=fsync status=none"
     )
     assert dbdctl(g, "setup-snapshot -f 8 /dev/vdb /mnt/vol/.datto 0").rc == 0
