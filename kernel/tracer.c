@@ -294,18 +294,39 @@ static int dbd_canonical_path(const char *in, char **out)
 
 /* ---- worker --------------------------------------------------------------- */
 /*
- * Blocks preserved per round trip: 4 MiB, read with all their bios in flight.
- * A batch of four parallel 1 MiB writers then costs one read round and one
- * COW write instead of four of each one after the other, and all four writes
- * are released as soon as their old data is in memory.  Preallocated per
- * tracer: 4 MiB of pages.
+ * Blocks preserved per round: 4 MiB, read with all their bios in flight.  A
+ * batch of four parallel 1 MiB writers then costs one read round and one COW
+ * write instead of four of each one after the other, and all four writes are
+ * released as soon as their old data is in memory.
  */
 #define DBD_CHUNK 1024
 
-struct dbd_wctx {
+/*
+ * One round of preservation: the blocks, the pages their old data is read
+ * into, and the COW write that puts the pages in consecutive slots of the
+ * file.  The worker keeps two rounds and alternates: while the COW write of
+ * one is in flight, the writes that arrive meanwhile are gathered into the
+ * other and their old data is read, so the reads of a round overlap the COW
+ * write of the round before.  At most one COW write is in flight, so a round
+ * whose COW write completed implies that every earlier one did too.
+ * Preallocated per tracer: 8 MiB of pages.
+ */
+struct dbd_round {
+	struct dbd_tracer *tr;
+	struct cow_store *c;		/* the file of the COW write in flight */
 	struct page *pages[DBD_CHUNK];
 	u64 blks[DBD_CHUNK];
-	unsigned int n;
+	unsigned int n;			/* blocks gathered (all PENDING) */
+	u64 fpos;			/* first slot, reserved before the reads */
+	struct dbd_io io;		/* the COW write */
+	bool in_flight;			/* COW write submitted, not yet published */
+	bool written;			/* its completion ran (worker wakes on it) */
+	struct bio_list ordered;	/* writes held until the COW data completed */
+};
+
+struct dbd_wctx {
+	struct dbd_round r[2];
+	unsigned int cur;		/* the round being gathered */
 };
 
 static int cmp_u64(const void *a, const void *b)
@@ -367,45 +388,45 @@ static void dbd_release_unordered(struct dbd_tracer *tr, struct bio_list *held)
 	*held = ordered;
 }
 
+/* forget the PENDING entries of a round that will not be published */
+static void dbd_round_drop(struct cow_store *c, struct dbd_round *r)
+{
+	unsigned int i;
+
+	for (i = 0; i < r->n; i++)
+		cow_entry_set(c, r->blks[i], 0);
+	r->n = 0;
+}
+
 /*
- * Preserve x->blks (all marked PENDING): read the old data from the origin,
- * write it to fresh slots of the COW file, wait, then publish the index
- * entries.  @early, when given, holds writes whose blocks are all covered by
- * this round or earlier ones: they are released as soon as the old data is
- * read (see dbd_release_unordered), so the origin write overlaps the COW
- * write instead of following it.  Everything else is released only after
- * this returns, when the COW data has *completed*; the COW data lives on the
- * same device, so a later flush covers it.
+ * Reserve slots for r->blks (auto-expanding the file if it is short) and read
+ * their old data from the origin into r->pages.  The slots are taken from
+ * c->fpos now, so the next round's reservation follows them while this
+ * round's COW write is still in flight.
  */
-static int dbd_preserve(struct dbd_tracer *tr, struct cow_store *c, struct dbd_wctx *x,
-			struct bio_list *early)
+static int dbd_round_read(struct dbd_tracer *tr, struct cow_store *c, struct dbd_round *r)
 {
 	struct dbd_io io;
 	struct dbd_bb bb;
-	unsigned int i, n = x->n;
-	u64 fpos;
+	unsigned int i, n = r->n;
 	int err = 0;
 
-	if (!n)
-		return 0;
-	x->n = 0;
-	sort(x->blks, n, sizeof(u64), cmp_u64, NULL);
+	sort(r->blks, n, sizeof(u64), cmp_u64, NULL);
 	/* dormant: the clean index on disk is about to become stale */
 	if (c->clean_on_disk) {
 		err = cow_write_header(c, c->flags & ~COW_CLEAN, false);
 		if (err)
-			goto out_unlocked;
+			return err;
 	}
 
 	mutex_lock(&c->ext_mutex);
-	fpos = c->fpos;
 	/* a slot occupies [fpos*4096, fpos*4096+4096): it must fit within fsize */
-	while ((fpos + n) * COW_BLOCK > c->fsize) {
+	while ((c->fpos + n) * COW_BLOCK > c->fsize) {
 		u64 old = c->fsize;
 
 		if (!dbd_ae_request(tr)) {
 			LOG_DEBUG("cow file of minor %u full (fpos %llu, %u blocks, fsize %llu)",
-				  tr->minor, fpos, n, c->fsize);
+				  tr->minor, c->fpos, n, c->fsize);
 			err = -EFBIG;
 			goto out;
 		}
@@ -419,47 +440,129 @@ static int dbd_preserve(struct dbd_tracer *tr, struct cow_store *c, struct dbd_w
 			goto out;
 		}
 	}
-	if (c->fsize - (fpos + n) * COW_BLOCK <
+	if (c->fsize - (c->fpos + n) * COW_BLOCK <
 	    min(max(DBD_AE_MARGIN, (READ_ONCE(tr->ae_step) << 20) / 2), c->fsize / 2))
 		dbd_ae_request(tr);	/* expand ahead of time, don't wait */
+	r->fpos = c->fpos;
+	c->fpos += n;
+	mutex_unlock(&c->ext_mutex);
+
 	dbd_io_init(&io);
 	dbd_bb_init(&bb, tr->bdev, REQ_OP_READ, &io);
 	for (i = 0; i < n; i++)
-		dbd_bb_add(&bb, x->blks[i] * COW_BLOCK_SECTS, x->pages[i],
-			   dbd_origin_bytes(tr, x->blks[i], x->pages[i]), 0);
+		dbd_bb_add(&bb, r->blks[i] * COW_BLOCK_SECTS, r->pages[i],
+			   dbd_origin_bytes(tr, r->blks[i], r->pages[i]), 0);
 	dbd_bb_submit(&bb);
 	err = dbd_io_wait(&io);
-	if (err)
-		goto out;
-	if (early)
-		dbd_release_unordered(tr, early);
+	if (!err)
+		return 0;
+	mutex_lock(&c->ext_mutex);
+	if (c->fpos == r->fpos + n)
+		c->fpos = r->fpos;	/* give the slots back: nothing follows them */
+out:
+	mutex_unlock(&c->ext_mutex);
+	return err;
+}
 
-	dbd_io_init(&io);
-	dbd_bb_init(&bb, tr->bdev, REQ_OP_WRITE, &io);
-	for (i = 0; i < n && !err; i++)
-		err = cow_bb_add_file(c, &bb, (fpos + i) * COW_BLOCK, x->pages[i], 0, PAGE_SIZE);
+/* completion of a round's COW write (any context): wake the worker */
+static void dbd_round_written(struct dbd_io *io)
+{
+	struct dbd_round *r = container_of(io, struct dbd_round, io);
+	struct dbd_tracer *tr = r->tr;
+
+	smp_store_release(&r->written, true);
+	wake_up(&tr->qwait);
+	/* last: once the worker's wait for it returns, the round may be reused */
+	complete(&io->done);
+}
+
+/* write a round's pages to its slots; completes asynchronously */
+static void dbd_round_write(struct cow_store *c, struct dbd_round *r)
+{
+	struct dbd_bb bb;
+	unsigned int i;
+	int err = 0;
+
+	dbd_io_init(&r->io);
+	r->c = c;
+	r->io.done_fn = dbd_round_written;
+	r->written = false;
+	r->in_flight = true;
+	dbd_bb_init(&bb, r->tr->bdev, REQ_OP_WRITE, &r->io);
+	mutex_lock(&c->ext_mutex);
+	for (i = 0; i < r->n && !err; i++)
+		err = cow_bb_add_file(c, &bb, (r->fpos + i) * COW_BLOCK, r->pages[i], 0, PAGE_SIZE);
 	dbd_bb_submit(&bb);
-	{
-		int e = dbd_io_wait(&io);
-
-		if (!err)
-			err = e;
-	}
+	mutex_unlock(&c->ext_mutex);
 	if (err)
-		goto out;
-	c->fpos = fpos + n;
-	for (i = 0; i < n; i++) {
-		cow_entry_set(c, x->blks[i], fpos + i);	/* section exists (PENDING) */
+		r->io.status = err;	/* reported when the round is finished */
+	dbd_io_put(&r->io);	/* the submitter's reference: completion may run now */
+}
+
+/*
+ * Wait for a round's COW write, then publish its index entries (snapshot
+ * reads find the copies from now on) and release the writes that waited for
+ * the COW data to complete; the COW data lives on the same device, so a
+ * later flush covers it.  On error the round is dropped and the tracer fails.
+ */
+static void dbd_round_finish(struct dbd_tracer *tr, struct dbd_round *r)
+{
+	struct cow_store *c = r->c;
+	struct bio *bio;
+	unsigned int i;
+	int err;
+
+	if (!r->in_flight)
+		return;
+	wait_for_completion_io(&r->io.done);
+	r->in_flight = false;
+	err = r->io.status;
+	if (err) {
+		dbd_round_drop(c, r);
+		dbd_tracer_fail(tr, err);
+	}
+	for (i = 0; i < r->n; i++) {
+		cow_entry_set(c, r->blks[i], r->fpos + i);	/* section exists (PENDING) */
 		if (c->version >= 1)
 			atomic64_inc(&c->nr_changed);
 	}
-out:
-	mutex_unlock(&c->ext_mutex);
-out_unlocked:
-	if (err)
-		for (i = 0; i < n; i++)
-			cow_entry_set(c, x->blks[i], 0);
-	return err;
+	r->n = 0;
+	err = dbd_tracer_error(tr);
+	while ((bio = bio_list_pop(&r->ordered)))
+		dbd_release_write(tr, bio, !err);
+}
+
+/*
+ * Preserve the round being gathered (all its blocks marked PENDING): read the
+ * old data, release the writes of @early whose completion promises nothing
+ * about earlier data (see dbd_release_unordered), finish the round before
+ * (its COW write overlapped these reads), then start this round's COW write
+ * and gather into the other round from now on.  Writes left in @early (they
+ * carry PREFLUSH or FUA) wait for this round's COW write.
+ */
+static int dbd_preserve(struct dbd_tracer *tr, struct cow_store *c, struct dbd_wctx *x,
+			struct bio_list *early)
+{
+	struct dbd_round *r = &x->r[x->cur], *prev = &x->r[!x->cur];
+	int err = 0;
+
+	if (r->n) {
+		err = dbd_round_read(tr, c, r);
+		if (err)
+			dbd_round_drop(c, r);
+	}
+	if (!err && early)
+		dbd_release_unordered(tr, early);
+	dbd_round_finish(tr, prev);
+	if (err || !r->n)
+		return err;
+	dbd_round_write(c, r);
+	if (early) {
+		bio_list_merge(&r->ordered, early);
+		bio_list_init(early);
+	}
+	x->cur = !x->cur;
+	return 0;
 }
 
 static void dbd_bio_blocks(struct dbd_tracer *tr, struct bio *bio, u64 *b0, u64 *b1)
@@ -496,10 +599,12 @@ static void dbd_process_writes(struct dbd_tracer *tr, struct bio_list *in, struc
 		}
 		dbd_bio_blocks(tr, bio, &b0, &b1);
 		for (b = b0; b <= b1 && b < tr->nblocks && !err; b++) {
+			struct dbd_round *r;
+
 			if (cow_mapped(c, b) || cow_entry_peek(c, b))
-				continue;	/* preserved, or pending in this batch */
-			/* a full chunk goes now; the last one may release writes early */
-			if (x->n == DBD_CHUNK) {
+				continue;	/* preserved, or pending in a round */
+			/* a full round goes now; the last one may release writes early */
+			if (x->r[x->cur].n == DBD_CHUNK) {
 				err = dbd_preserve(tr, c, x, NULL);
 				if (err)
 					break;
@@ -507,23 +612,71 @@ static void dbd_process_writes(struct dbd_tracer *tr, struct bio_list *in, struc
 			err = cow_entry_set(c, b, COW_PENDING);
 			if (err)
 				break;
-			x->blks[x->n++] = b;
+			r = &x->r[x->cur];
+			r->blks[r->n++] = b;
 		}
 		bio_list_add(&held, bio);
 	}
-	if (!err && x->n)
+	if (!err)
 		err = dbd_preserve(tr, c, x, &held);
 	if (err) {
-		unsigned int i;
-
-		for (i = 0; i < x->n; i++)
-			cow_entry_set(c, x->blks[i], 0);
-		x->n = 0;
+		dbd_round_drop(c, &x->r[x->cur]);
 		dbd_tracer_fail(tr, err);
 	}
 	err = dbd_tracer_error(tr);
 	while ((bio = bio_list_pop(&held)))
 		dbd_release_write(tr, bio, !err);
+}
+
+/*
+ * Rounds started while a COW write was in flight before the worker drains
+ * (64 MiB): snapshot reads and index trimming wait for a drained worker.
+ */
+#define DBD_OVERLAP_MAX 16
+
+/* writes are queued and no snapshot read waits (reads are served drained) */
+static bool dbd_writes_only(struct dbd_tracer *tr)
+{
+	bool more;
+
+	spin_lock_irq(&tr->qlock);
+	more = !bio_list_empty(&tr->writes) && bio_list_empty(&tr->reads);
+	spin_unlock_irq(&tr->qlock);
+	return more;
+}
+
+/*
+ * While the last round's COW write is in flight, gather the writes that
+ * arrive meanwhile and read their old data; finish the round when its write
+ * completes, when snapshot reads wait (@reads_wait: taken already), or after
+ * DBD_OVERLAP_MAX rounds.  Returns with no COW write in flight, so snapshot
+ * reads, index trimming and whoever takes wlock next see every round
+ * published.
+ */
+static void dbd_overlap_rounds(struct dbd_tracer *tr, struct dbd_wctx *x, bool reads_wait)
+{
+	unsigned int rounds = 0;
+
+	for (;;) {
+		struct dbd_round *prev = &x->r[!x->cur];
+		struct bio_list w;
+
+		if (!prev->in_flight)
+			return;
+		if (!reads_wait)
+			wait_event(tr->qwait, smp_load_acquire(&prev->written) ||
+				   dbd_writes_only(tr));
+		if (reads_wait || smp_load_acquire(&prev->written) || ++rounds > DBD_OVERLAP_MAX ||
+		    READ_ONCE(tr->hook_mode) != DBD_HOOK_SNAP || !tr->cow) {
+			dbd_round_finish(tr, prev);
+			continue;
+		}
+		spin_lock_irq(&tr->qlock);
+		w = tr->writes;
+		bio_list_init(&tr->writes);
+		spin_unlock_irq(&tr->qlock);
+		dbd_process_writes(tr, &w, x);
+	}
 }
 
 /* incremental: report the file's header/index blocks, rewritten by us, as changed */
@@ -646,18 +799,47 @@ static void dbd_trim_index(struct dbd_tracer *tr)
 		dbd_tracer_fail(tr, err);
 }
 
+static void dbd_wctx_free(struct dbd_wctx *x)
+{
+	unsigned int k, i;
+
+	if (!x)
+		return;
+	for (k = 0; k < 2; k++)
+		for (i = 0; i < DBD_CHUNK; i++)
+			if (x->r[k].pages[i])
+				__free_page(x->r[k].pages[i]);
+	kvfree(x);
+}
+
+/* both rounds with their pages, or NULL */
+static struct dbd_wctx *dbd_wctx_alloc(struct dbd_tracer *tr)
+{
+	struct dbd_wctx *x = kvzalloc(sizeof(*x), GFP_KERNEL);
+	unsigned int k, i;
+
+	if (!x)
+		return NULL;
+	for (k = 0; k < 2; k++) {
+		x->r[k].tr = tr;
+		bio_list_init(&x->r[k].ordered);
+		for (i = 0; i < DBD_CHUNK; i++) {
+			x->r[k].pages[i] = alloc_page(GFP_KERNEL);
+			if (!x->r[k].pages[i]) {
+				dbd_wctx_free(x);
+				return NULL;
+			}
+		}
+	}
+	return x;
+}
+
 static int dbd_worker(void *data)
 {
 	struct dbd_tracer *tr = data;
-	struct dbd_wctx *x = kzalloc(sizeof(*x), GFP_KERNEL);
-	unsigned int i;
+	struct dbd_wctx *x = dbd_wctx_alloc(tr);
 
-	for (i = 0; x && i < DBD_CHUNK; i++) {
-		x->pages[i] = alloc_page(GFP_KERNEL);
-		if (!x->pages[i])
-			break;
-	}
-	if (!x || i < DBD_CHUNK)
+	if (!x)
 		dbd_tracer_fail(tr, -ENOMEM);
 
 	for (;;) {
@@ -683,7 +865,7 @@ static int dbd_worker(void *data)
 		mutex_lock(&tr->wlock);
 		switch (READ_ONCE(tr->hook_mode)) {
 		case DBD_HOOK_SNAP:
-			if (x && i == DBD_CHUNK && tr->cow) {
+			if (x && tr->cow) {
 				dbd_process_writes(tr, &w, x);
 				break;
 			}
@@ -699,16 +881,14 @@ static int dbd_worker(void *data)
 			dbd_pre_process(tr, &w);
 			break;
 		}
+		if (x)
+			dbd_overlap_rounds(tr, x, !bio_list_empty(&r));
 		while ((bio = bio_list_pop(&r)))
 			dbd_snapdev_process_read(tr, bio);
 		dbd_trim_index(tr);
 		mutex_unlock(&tr->wlock);
 	}
-	if (x) {
-		while (i--)
-			__free_page(x->pages[i]);
-		kfree(x);
-	}
+	dbd_wctx_free(x);
 	return 0;
 }
 
