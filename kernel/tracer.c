@@ -470,7 +470,8 @@ static void dbd_round_written(struct dbd_io *io)
 	struct dbd_round *r = container_of(io, struct dbd_round, io);
 	struct dbd_tracer *tr = r->tr;
 
-	smp_store_release(&r->written, true);
+	/* a hint for the worker's wait; the data is ordered by the completion */
+	WRITE_ONCE(r->written, true);
 	wake_up(&tr->qwait);
 	/* last: once the worker's wait for it returns, the round may be reused */
 	complete(&io->done);
@@ -664,9 +665,8 @@ static void dbd_overlap_rounds(struct dbd_tracer *tr, struct dbd_wctx *x, bool r
 		if (!prev->in_flight)
 			return;
 		if (!reads_wait)
-			wait_event(tr->qwait, smp_load_acquire(&prev->written) ||
-				   dbd_writes_only(tr));
-		if (reads_wait || smp_load_acquire(&prev->written) || ++rounds > DBD_OVERLAP_MAX ||
+			wait_event(tr->qwait, READ_ONCE(prev->written) || dbd_writes_only(tr));
+		if (reads_wait || READ_ONCE(prev->written) || ++rounds > DBD_OVERLAP_MAX ||
 		    READ_ONCE(tr->hook_mode) != DBD_HOOK_SNAP || !tr->cow) {
 			dbd_round_finish(tr, prev);
 			continue;
