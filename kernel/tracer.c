@@ -470,7 +470,13 @@ static void dbd_round_written(struct dbd_io *io)
 	struct dbd_round *r = container_of(io, struct dbd_round, io);
 	struct dbd_tracer *tr = r->tr;
 
-	/* a hint for the worker's wait; the data is ordered by the completion */
+	/*
+	 * A hint for the worker's wait; the data is ordered by the completion.
+	 * Testing completion_done() instead would need complete() before the
+	 * wake_up(), and once the worker sees the completion the round may be
+	 * reused and the tracer torn down and freed: tr is not ours to touch
+	 * after complete().  So the flag and the wake come first.
+	 */
 	WRITE_ONCE(r->written, true);
 	wake_up(&tr->qwait);
 	/* last: once the worker's wait for it returns, the round may be reused */
