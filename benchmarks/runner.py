@@ -64,6 +64,21 @@ UNTRACKED = ("baseline", "baseline after destroy", "baseline at end")
 PEERS = ((DM_FIRST_WRITE, "dm-snapshot", True), (THIN_FIRST_WRITE, "dm-thin", False))
 TARGETS = {FIRST_WRITE: 0.3, REWRITE: 0.9, INCREMENTAL: 0.95}
 
+# Rewrite and incremental misses fall mostly on buffered and 4-process jobs; two targeted runs
+# (benchmarks/cow_overhead.py --target debian-6.12 --jobs seq-buffered,seq-buffered-x4,
+# rand-buffered-x4 --repeat 5 --no-dm --no-thin --time-based 4, one AMD EPYC host, 2026-11-29, the
+# second with the page cache emptied before every run) showed that their verdicts move between runs
+# of one module by more than the margins. The numbers are the three jobs' ratios, in that order.
+SPREAD_WHY = (
+    "but the misses fall mostly on buffered and 4-process jobs, where a run is CPU-bound in the "
+    "one-vCPU guest (about 10 s of guest CPU per GiB for buffered writes on the 5.10 to 6.12 guests) "
+    "and two identical untracked volumes already differ widely (single untracked pairs from about "
+    "0.5 to 2.2 in the full runs), and they move between runs of the same module: two targeted "
+    "6.12 runs of the three buffered jobs on one host, five pairs per phase, gave {phase} ratios of "
+    "{first}, then {second}, while the second run's untracked baseline of seqwrite 1M buffered 4 "
+    "jobs came out at 0.78"
+)
+
 # Why a target can be missed, stated with the numbers that show it (see why_missed()).
 WHY = {
     FIRST_WRITE: (
@@ -85,12 +100,14 @@ WHY = {
         "other fifteen 4 KiB blocks are no longer shared; we copy every 4 KiB block on its first write"
     ),
     REWRITE: (
-        "a rewrite of preserved blocks only passes the ftrace hook (a register-saving trampoline) and "
-        "the preserved-blocks check: a fixed cost per write, largest against small direct writes"
+        "a rewrite of preserved blocks passes the ftrace hook (a register-saving trampoline) and the "
+        "preserved-blocks check: a cost per write, largest against small direct writes; "
+        + SPREAD_WHY.format(phase="rewrite", first="1.19, 1.11, 1.07", second="1.13, 0.94, 0.88")
     ),
     INCREMENTAL: (
-        "the only per-write work in incremental mode is the ftrace hook and one bit set in the change "
-        "bitmap: a fixed cost per write, largest against small direct writes"
+        "the only per-write work in incremental mode is the ftrace hook and one bit set per 4 KiB "
+        "block in the change bitmap: a cost per write, largest against small direct writes; "
+        + SPREAD_WHY.format(phase="incremental", first="1.20, 1.09, 1.06", second="0.99, 0.88, 0.98")
     ),
 }
 
@@ -113,14 +130,18 @@ CLOSE = {
         "block device must copy the old data before the write lands"
     ),
     REWRITE: (
-        "a cheaper hook; candidates, not yet measured: a lighter ftrace trampoline (one that does not "
-        "save every register, on kernels that let the callback redirect without it) and no second "
-        "pass through the hook when a passed write is forwarded; a run on KVM would first show how "
-        "much of the gap is TCG's emulation of that path"
+        "for buffered and 4-process jobs, more pairs per phase than the full run's three, or a host "
+        "where KVM works, to tell a cost from that spread (emptying the page cache before every run, "
+        "tried in the second targeted run, did not narrow it: its untracked pairs went from 0.64 to "
+        "1.60, the first run's from 0.64 to 1.92); for small direct writes, a cheaper hook: "
+        "candidates, not yet measured: a lighter ftrace trampoline (one that does not save every "
+        "register, on kernels that let the callback redirect without it) and no second pass through "
+        "the hook when a passed write is forwarded"
     ),
     INCREMENTAL: (
-        "the same cheaper hook as for rewrites (the bitmap update itself is one atomic bit set); a "
-        "run on KVM would first show how much of the gap is TCG's emulation of that path"
+        "as for rewrites: more pairs per phase or KVM for buffered and 4-process jobs, and the same "
+        "cheaper hook for small direct writes (the bitmap update itself is one atomic bit set per "
+        "block)"
     ),
 }
 

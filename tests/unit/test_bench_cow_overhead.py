@@ -348,7 +348,7 @@ def test_a_miss_asks_for_a_full_run_only_when_the_cow_run_was_quick(
 ) -> None:
     md = render(rewrite_miss_doc(quick, kept), tmp_path)
     (row,) = [ln for ln in md.splitlines() if ln.startswith("| snapshot rewrite >= 0.9 | seqwrite 1M |")]
-    assert "| **no** |" in row and "fixed cost per write" in row
+    assert "| **no** |" in row and "preserved-blocks check" in row
     assert ("needs a full-size run" in row) == quick
 
 
