@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 
+import pytest
 from dbd import Info, ctl, dbdctl, info, proc_devices, sha256, write_file
 
 from harness.guest import Guest
@@ -98,6 +99,7 @@ def test_auto_expand_keeps_snapshot_alive(module_guest: Guest, ext4_volume: Volu
     assert g.run(f"test -e {COW}").rc != 0
 
 
+@pytest.mark.deep  # the failing half of the auto-expand pair; cow-full EFBIG runs everywhere
 def test_same_workload_without_auto_expand_fails_with_efbig(module_guest: Guest, ext4_volume: Volume) -> None:
     g, vol = module_guest, ext4_volume
     _setup_and_overwrite(g, vol, auto_expand=False)

@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.guest]
 CALLS, UNPRIVILEGED_CALLS = 400, 100
 
 
+@pytest.mark.deep  # copying ioctl arguments is the same on every kernel; the debug kernel runs it too
 @pytest.mark.debugkernel
 @pytest.mark.guest_config(disks=[DiskSpec(160), DiskSpec(160), DiskSpec(64)])
 def test_bad_arguments_give_documented_errors_and_change_nothing(
@@ -94,6 +95,7 @@ result = outcomes
 """
 
 
+@pytest.mark.deep  # header validation is not kernel-specific; clean reloads run everywhere
 @pytest.mark.guest_config(disks=[DiskSpec(96)])
 def test_corrupt_cow_files_are_refused_at_reload(module_guest: Guest, oracles: Oracles, seed: int) -> None:
     """Seeded corruptions of a clean snapshot COW file (header fields, truncations, index entries

@@ -205,6 +205,7 @@ def test_umount_mount_cycle_snapshot(module_guest: Guest, ext4_volume: Volume, r
     g.assert_no_kernel_findings()
 
 
+@pytest.mark.deep  # the snapshot cycle reaches the same unmount and mount observers everywhere
 @pytest.mark.guest_config(disks=TWO_DISKS)
 def test_umount_mount_cycle_incremental(module_guest: Guest, ext4_volume: Volume) -> None:
     """umount of an incremental volume leaves a dormant incremental (0) with a CLEAN|INDEX_ONLY file;
@@ -334,7 +335,8 @@ RELOAD_CACHES = [
     pytest.param(1, id="1-byte-cache", marks=pytest.mark.deep),
 ]
 INCREMENTAL_RELOAD_CACHES = [
-    pytest.param(0, id="default-cache", marks=pytest.mark.debugkernel(soak=True)),
+    # deep: the snapshot reload reads the same file through the same kernel calls everywhere
+    pytest.param(0, id="default-cache", marks=[pytest.mark.deep, pytest.mark.debugkernel(soak=True)]),
     RELOAD_CACHES[1],
 ]
 
@@ -380,6 +382,7 @@ def test_reload_incremental_after_clean_reboot(module_guest: Guest, ext4_volume:
     g.assert_no_kernel_findings()
 
 
+@pytest.mark.deep  # the reload's header checks are not kernel-specific
 @pytest.mark.debugkernel(soak=True)  # nightly there: a power cut and two debug-kernel boots
 def test_power_cut_leaves_reload_unverified_with_einval(module_guest: Guest, ext4_volume: Volume) -> None:
     """After a power cut the COW file's header is dirty: the reloaded tracer is not activated by the

@@ -174,6 +174,7 @@ def test_requires_cap_sys_admin(module_guest: Guest, ext4_volume: Volume) -> Non
     assert ctl(g, "info", 0) == errno.ENOENT
 
 
+@pytest.mark.deep
 def test_proc_matches_info_in_each_state(module_guest: Guest, ext4_volume: Volume) -> None:
     g, vol = module_guest, ext4_volume
     _setup(g, vol, minor=2, extra="-f 40 -c 8388608")

@@ -17,6 +17,7 @@ from harness.pytest_plugin import Volume
 MIB = 1024 * 1024
 
 
+@pytest.mark.deep
 def test_1_expand_releases_the_table_lock(module_guest: Guest, ext4_volume: Volume) -> None:
     """Upstream leaks the device-table lock after a successful expand: every later ioctl hangs."""
     g, vol = module_guest, ext4_volume
@@ -66,6 +67,7 @@ def test_8_proc_escapes_paths(module_guest: Guest, ext4_volume: Volume) -> None:
     assert ctl(g, "destroy", 0) == 0
 
 
+@pytest.mark.deep
 def test_destroy_works_in_the_failed_state(module_guest: Guest, ext4_volume: Volume) -> None:
     g, vol = module_guest, ext4_volume
     assert dbdctl(g, f"setup-snapshot -f 2 {vol.device} /mnt/vol/.datto 0").rc == 0
@@ -76,6 +78,7 @@ def test_destroy_works_in_the_failed_state(module_guest: Guest, ext4_volume: Vol
     assert ctl(g, "info", 0) == errno.ENOENT
 
 
+@pytest.mark.deep
 def test_7_cow_data_never_passes_fsize(module_guest: Guest, ext4_volume: Volume) -> None:
     """Upstream checks `fpos * 4096 >= fsize`, so with the default size (10 % of the device, not a
     multiple of 4096) one more block than fits is written past fsize. Ours only uses whole 4 KiB slots
