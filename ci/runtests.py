@@ -55,8 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-long",
         dest="long",
         action="store_false",
-        help="leave out the tests marked long (on the default kernel: 2 GiB volumes, the timed race; "
-        "about 9 minutes of wall time)",
+        help="leave out the tests marked long (on the default kernel: the XFS incremental chain and "
+        "power cut; about 2 minutes of wall time)",
     )
     args = parser.parse_args(argv)
 

@@ -13,8 +13,9 @@ covers on every kernel) run only on the `--deep-on` kernels. The default, `auto`
 target when `--kernel all` (what CI runs) and every chosen kernel otherwise, so naming one kernel
 runs everything on it. The other kernels' deep instances are deselected, and the header says so.
 
-Long runs: tests marked `long` (volumes of gigabytes, minutes-long races and soaks: many minutes
-each under TCG) run only with `--long` (or DBD_LONG=1). `./run-tests` passes it (they are all deep,
+Long runs: tests marked `long` (a minute or more each under TCG: the XFS variants of the
+incremental chain and the power cut per change; gigabyte volumes and minutes-long races, also marked
+soak, nightly) run only with `--long` (or DBD_LONG=1). `./run-tests` passes it (they are all deep,
 so with `--kernel all` that is the default kernel only); a bare pytest run leaves them out, and
 the header says so.
 
@@ -25,8 +26,9 @@ there. Every guest on a debug kernel ends with a kmemleak scan, and a leak fails
 Soak runs: tests marked `soak`, and on a debug kernel the tests marked `debugkernel(soak=True)`,
 run only with `--soak` (or DBD_SOAK=1): the nightly workflow gives it, `./run-tests` does not. They
 are the variants too slow for every change on a slow 2-core TCG machine whose paths a cheaper test
-in `./run-tests` already covers (a 2 GiB XFS volume beside the 2 GiB ext4 one; the debug kernel's
-reboots and long workloads beside its reload and fuzz tests). The header says what was left out.
+in `./run-tests` already covers (the 2 GiB volumes, the minutes-long race, XFS and 1-byte-cache
+variants of scenario 1; the debug kernel's reboots and long workloads beside its reload and fuzz
+tests). The header says what was left out.
 """
 
 from __future__ import annotations
