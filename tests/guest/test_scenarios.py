@@ -419,7 +419,8 @@ def _replay_and_fsck(g: Guest, o: Oracles, dev: str, fs: str) -> None:
 @pytest.mark.parametrize(
     "mode,fs",
     [
-        # deep: reboots after an unclean stop run everywhere in the harness self-test
+        # deep: what a power cut leaves (a dirty COW file that reload refuses) is not kernel-specific;
+        # reloads after a clean reboot and the harness's power-cut self-test run everywhere
         pytest.param("snapshot", "ext4", marks=pytest.mark.deep),
         pytest.param("incremental", "ext4", marks=pytest.mark.deep),
         pytest.param("snapshot", "xfs", marks=[pytest.mark.deep, pytest.mark.long]),
