@@ -1146,7 +1146,10 @@ def kept_lines(doc: dict[str, Any]) -> list[str]:
         if "kept_from" in e:
             k = e["kept_from"]
             quick = " (quick)" if k.get("quick") else ""
-            lines.append(f"  - {key}: {k.get('date', '?')}, `{k.get('command', '?')}`{quick}")
+            # The section's own start, as the overview's "started" column gives it; the run's start
+            # only where an older record lacks it.
+            started = e.get("date") or k.get("date", "?")
+            lines.append(f"  - {key}: {started}, `{k.get('command', '?')}`{quick}")
     return ["- kept from earlier runs (not run by this command):", *lines] if lines else []
 
 

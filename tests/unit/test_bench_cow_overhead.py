@@ -353,6 +353,20 @@ def test_a_miss_asks_for_a_full_run_only_when_the_cow_run_was_quick(
 
 
 @pytest.mark.usefixtures("no_plots")
+@pytest.mark.parametrize("own_date", [True, False])
+def test_a_kept_section_names_its_own_start_like_the_overview(tmp_path: Path, own_date: bool) -> None:
+    doc = results_doc(new_fields=True)
+    entry = doc["benchmarks"]["cow_overhead"]
+    entry["kept_from"] = {"date": "2026-11-27 22:34 UTC", "command": "benchmarks/run --kernel debian-6.1"}
+    if own_date:
+        entry["date"] = "2026-11-27 23:20 UTC"
+    (line,) = [ln for ln in render(doc, tmp_path).splitlines() if ln.startswith("  - cow_overhead:")]
+    # an older record without the section's own start falls back to its run's
+    started = "2026-11-27 23:20 UTC" if own_date else "2026-11-27 22:34 UTC"
+    assert line == f"  - cow_overhead: {started}, `benchmarks/run --kernel debian-6.1`"
+
+
+@pytest.mark.usefixtures("no_plots")
 def test_untracked_speed_names_the_spread_of_single_pairs(tmp_path: Path) -> None:
     doc = results_doc(new_fields=True)
     for c in doc["benchmarks"]["cow_overhead"]["results"]["cases"]:
