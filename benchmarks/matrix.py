@@ -324,7 +324,7 @@ def run_row(kernel: str, doc: dict[str, Any], doc_path: Path) -> list[str]:
     started, machines, sources = [], [], []
     for key, e in sorted(entries.items()):
         origin = e.get("kept_from") or meta
-        started.append(f"{key}: {e.get('date') or origin.get('date', '?')}")
+        started.append(f"{key}: {runner.section_started(e, origin)}")
         kept = f" ({key})" if "kept_from" in e else ""
         machines.append(machine_of(origin) + kept)
         sources.append(str(origin.get("git") or "not recorded") + kept)

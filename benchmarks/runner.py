@@ -1139,6 +1139,11 @@ def boot_targets(gb: dict[str, Any]) -> list[str]:
     return ["Targets of issue 3:", "", md_table(["target", "goal", "this run", "met"], rows), ""]
 
 
+def section_started(entry: dict[str, Any], run_meta: dict[str, Any]) -> str:
+    """When a benchmark section started: its own record, else (older records lack it) its run's."""
+    return str(entry.get("date") or run_meta.get("date", "?"))
+
+
 def kept_lines(doc: dict[str, Any]) -> list[str]:
     """Which sections come from an earlier run (run with --only), and from which."""
     lines = []
@@ -1146,10 +1151,7 @@ def kept_lines(doc: dict[str, Any]) -> list[str]:
         if "kept_from" in e:
             k = e["kept_from"]
             quick = " (quick)" if k.get("quick") else ""
-            # The section's own start, as the overview's "started" column gives it; the run's start
-            # only where an older record lacks it.
-            started = e.get("date") or k.get("date", "?")
-            lines.append(f"  - {key}: {started}, `{k.get('command', '?')}`{quick}")
+            lines.append(f"  - {key}: {section_started(e, k)}, `{k.get('command', '?')}`{quick}")
     return ["- kept from earlier runs (not run by this command):", *lines] if lines else []
 
 
