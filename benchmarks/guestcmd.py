@@ -30,6 +30,8 @@ def boot_and_describe(g: Guest, results: dict[str, Any]) -> None:
     g.boot()
     argv = g.command_line
     results["accel"] = argv[argv.index("-accel") + 1] if "-accel" in argv else "?"
+    # under TCG a second, offline vCPU (harness.qemu.smp_option): recorded with the numbers
+    results["qemu_smp"] = argv[argv.index("-smp") + 1] if "-smp" in argv else "?"
     results["guest_kernel"] = run(g, "uname -r").stdout.strip()
     results["guest_nproc"] = run(g, "nproc").stdout.strip()
 
@@ -68,10 +70,12 @@ cat /proc/datto-info 2>/dev/null
 """
 
 
-# Run after a stall, in a new guest command: a lost doorbell or a lost completion interrupt is healed
-# by any new request on the same queue (its notification and its interrupt cover the old request
-# too); a request the device lost is not. The read runs in the background: if the queue is dead it
-# never completes, and a task in uninterruptible sleep cannot be killed.
+# Run after a stall, in a new guest command: a lost doorbell is healed by any new request on the
+# same queue (its notification covers the old request too); a request the device lost is not, nor
+# is an interrupt lost in the event-index race (QEMU's signalled index is then past the guest's
+# used_event, so the new completion does not interrupt either: ring_verdict names that case). The
+# read runs in the background: if the queue is dead it never completes, and a task in
+# uninterruptible sleep cannot be killed.
 NUDGE = r"""
 for q in /sys/block/vd*; do
   set -- $(cat $q/inflight)
@@ -93,24 +97,55 @@ def guest_u16(g: Guest, addr: int) -> int:
     return int(str(out).split(":")[-1].strip(), 16)
 
 
-def ring_words(g: Guest, st: dict[str, Any]) -> str:
+def read_ring(g: Guest, st: dict[str, Any]) -> dict[str, int]:
     """The split ring's words as the guest wrote them (virtio 1.x layout): the avail ring's flags and
     idx with the used_event after its entries, the used ring's flags and idx with the avail_event
     after its entries. Beside QEMU's last_avail_idx, shadow_avail_idx, used_idx and signalled_used
     they tell a doorbell the device never saw from an interrupt the guest never saw."""
+    num, avail, used = int(st["vring-num"]), int(st["vring-avail"]), int(st["vring-used"])
+    return {
+        "avail.flags": guest_u16(g, avail),
+        "avail.idx": guest_u16(g, avail + 2),
+        "used_event": guest_u16(g, avail + 4 + 2 * num),
+        "used.flags": guest_u16(g, used),
+        "used.idx": guest_u16(g, used + 2),
+        "avail_event": guest_u16(g, used + 4 + 8 * num),
+    }
+
+
+def ring_words(g: Guest, st: dict[str, Any]) -> str:
+    """read_ring() as one line, or why it could not be read."""
     try:
-        num, avail, used = int(st["vring-num"]), int(st["vring-avail"]), int(st["vring-used"])
-        words = {
-            "avail.flags": guest_u16(g, avail),
-            "avail.idx": guest_u16(g, avail + 2),
-            "used_event": guest_u16(g, avail + 4 + 2 * num),
-            "used.flags": guest_u16(g, used),
-            "used.idx": guest_u16(g, used + 2),
-            "avail_event": guest_u16(g, used + 4 + 8 * num),
-        }
+        words = read_ring(g, st)
     except Exception as e:  # a diagnosis must not hide the failure it diagnoses
         return f"(not readable: {e})"
-    return ", ".join(f"{k} {v}" for k, v in words.items())
+    line = ", ".join(f"{k} {v}" for k, v in words.items())
+    verdict = ring_verdict(st, words)
+    return line + (f"\n  verdict: {verdict}" if verdict else "")
+
+
+def ring_verdict(st: dict[str, Any], words: dict[str, int]) -> str | None:
+    """Name the lost completion interrupt when the state shows one: QEMU holds nothing (every request
+    it took is in the used ring), yet the guest has not consumed the used ring's last entries, and
+    QEMU's last signalled index is already past the used_event the guest asked for, so no later
+    completion will interrupt. doc/harness.md, "Lost interrupts under TCG", explains the cause."""
+    try:
+        inuse, signalled = int(st["inuse"]), int(st["signalled-used"])
+        ring_size = int(st.get("vring-num", 256))
+        used_idx, used_event = words["used.idx"], words["used_event"]
+    except (KeyError, TypeError, ValueError):
+        return None
+    unconsumed = (used_idx - used_event) % 0x10000  # more than a ring: the event is ahead, not behind
+    past_event = (signalled - used_event) % 0x10000
+    if inuse or not 0 < unconsumed <= ring_size or not 0 < past_event <= unconsumed:
+        return None
+    return (
+        f"lost completion interrupt: QEMU completed every request it took, {unconsumed} of them after "
+        f"the guest's used_event {used_event}, and signalled up to {signalled} without the guest "
+        "running its handler; every later completion is past that event too, so this queue will not "
+        "interrupt again (the event-index race of a TCG guest translated without barriers, "
+        'doc/harness.md "Lost interrupts under TCG")'
+    )
 
 
 def virtio_queues(g: Guest) -> str:

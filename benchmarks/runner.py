@@ -471,6 +471,13 @@ def render_plots(cow: dict[str, Any], plot_dir: Path) -> list[tuple[str, Path]]:
     return out
 
 
+def vcpu_text(results: dict[str, Any]) -> str:
+    """The guest's vCPUs, with QEMU's -smp when it had a second, offline one (older runs: unrecorded)."""
+    text = f"{results.get('guest_nproc', '?')} vCPU"
+    smp = str(results.get("qemu_smp", ""))
+    return text + (f" (QEMU `-smp {smp}`)" if "maxcpus" in smp else "")
+
+
 def job_text(job: dict[str, Any]) -> str:
     """A job of the results in words: seqwrite 1M over 256 MiB (direct I/O, 1 process)."""
     io = "direct I/O" if job.get("direct", True) else "buffered, fsync at the end of the run"
@@ -497,7 +504,7 @@ def render_cow(cow: dict[str, Any], plots: list[tuple[str, Path]], doc_path: Pat
         "## Write overhead: our snapshot and incremental tracking against dm-snapshot and dm-thin",
         "",
         f"`benchmarks/cow_overhead.py`, one guest ({cow.get('guest_kernel', '?')}, "
-        f"{cow.get('guest_nproc', '?')} vCPU, {cow.get('fio_version', 'fio')}): ext4 on a "
+        f"{vcpu_text(cow)}, {cow.get('fio_version', 'fio')}): ext4 on a "
         f"{sizes.get('disk', '?')} MiB virtio disk, fio with psync, iodepth 1, each job over its own file "
         f"({jobs}). "
         + (
@@ -914,7 +921,7 @@ def render_snapshot_latency(sl: dict[str, Any], doc_path: Path, plot_dir: Path) 
         "## Snapshot creation latency",
         "",
         f"`benchmarks/snapshot_latency.py`, one guest ({sl.get('guest_kernel', '?')}, "
-        f"{sl.get('guest_nproc', '?')} vCPU, {sl.get('guest_memory_mib', '?')} MiB, accelerator "
+        f"{vcpu_text(sl)}, {sl.get('guest_memory_mib', '?')} MiB, accelerator "
         f"{str(sl.get('accel', '?')).split(',')[0].upper()}): each ioctl timed in the guest with "
         "`time.perf_counter()` around pydbd's `Control` call (no Python start-up included), in one "
         "cycle setup-snapshot, transition-to-incremental, transition-to-snapshot (new COW file, same "

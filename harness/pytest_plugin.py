@@ -291,7 +291,8 @@ def default_smp() -> int:
     Under TCG on this 2-core host, two-vCPU guests hit emulator artefacts that a kernel reports as
     real findings: a starved vCPU thread shows as an RCU stall, and 6.12/7.2 sometimes oops at boot
     in int3 text patching (static keys) when the other vCPU runs the patched code. With one vCPU
-    neither happens, and preemption still interleaves the module's threads.
+    neither happens, and preemption still interleaves the module's threads. (Under TCG that one
+    vCPU has a second, never online, beside it: harness.qemu.smp_option says why.)
     """
     return int(os.environ.get("DBD_SMP", "1"))
 

@@ -114,12 +114,30 @@ def kernel_cmdline(cfg: QemuConfig) -> str:
     return " ".join(args)
 
 
+def smp_option(smp: int, accel: str) -> str:
+    """The -smp value: `smp` vCPUs online, and under TCG at least two possible.
+
+    With max_cpus 1, TCG translates without CF_PARALLEL: it drops the guest's memory barriers (and
+    its locked instructions become plain ones), since no other vCPU could tell. QEMU's own I/O
+    thread can: virtio's event-index handshake is a store then a load on each side (the guest
+    writes used_event and rereads used.idx; QEMU writes used.idx and rereads used_event), and
+    without the guest's barrier the host's store buffer lets both read the old value. QEMU then
+    skips the completion interrupt, the guest waits for it, and every later completion on that
+    queue is past the event too: the disk hangs for good. A 5.10 benchmark guest showed exactly
+    that in an untracked phase (doc/harness.md, "Lost interrupts under TCG"). A second possible
+    vCPU, never brought online, keeps the guest on one CPU and TCG's translation honest (QEMU 8.1
+    stopped eliding them; Debian 12 ships 7.2)."""
+    if accel == "tcg" and smp < 2:
+        return f"{smp},maxcpus=2"
+    return str(smp)
+
+
 def build_command(cfg: QemuConfig) -> list[str]:
     """The full argv. The serial console is QEMU's stdio (no monitor, no mux, Ctrl-C/Ctrl-A pass through)."""
     argv = [
         cfg.qemu,
         "-machine", "pc", "-accel", cfg.accel, "-cpu", cpu_model(cfg.accel),
-        "-m", str(cfg.memory_mib), "-smp", str(cfg.smp),
+        "-m", str(cfg.memory_mib), "-smp", smp_option(cfg.smp, cfg.accel),
         *(["-bios", str(cfg.firmware)] if cfg.firmware else []),
         "-nodefaults", "-display", "none", "-monitor", "none",
         "-chardev", "stdio,id=con0,signal=off", "-serial", "chardev:con0",

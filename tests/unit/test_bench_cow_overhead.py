@@ -260,6 +260,7 @@ def results_doc(new_fields: bool) -> dict[str, Any]:
     cow = {
         "guest_kernel": "6.1.0-test",
         "guest_nproc": "1",
+        **({"qemu_smp": "1,maxcpus=2"} if new_fields else {}),
         "fio_version": "fio-3.33",
         "sizes_mib": {"disk": 2048, "seq": 64, "rand": 16},
         "repeat": 3,
@@ -305,6 +306,7 @@ def test_render_new_jobs_and_cpu(tmp_path: Path) -> None:
     md = render(results_doc(new_fields=True), tmp_path)
     assert "buffered 4 jobs over 16 MiB (buffered, fsync at the end of the run, 4 processes, each" in md
     assert "| CPU s/GiB | CPU ratio |" in md
+    assert "(6.1.0-test, 1 vCPU (QEMU `-smp 1,maxcpus=2`), fio-3.33)" in md
     # the first-write row of the buffered job: its CPU per GiB and ratio (4 / 0.25, 1 / 0.25)
     first = "| snapshot first write | randwrite 4k buffered 4 jobs |"
     row = next(ln for ln in md.splitlines() if ln.startswith(first))
@@ -321,6 +323,7 @@ def test_render_old_results_without_new_fields(tmp_path: Path) -> None:
     md = render(results_doc(new_fields=False), tmp_path)
     assert "CPU ratio" not in md and "Guest CPU" not in md
     assert "seqwrite 1M over 64 MiB (direct I/O, 1 process)" in md
+    assert "(6.1.0-test, 1 vCPU, fio-3.33)" in md  # no -smp recorded before session 18
     assert "| snapshot first write | randwrite 4k |" in md
     assert "| snapshot rewrite >= 0.9 | randwrite 4k | 0.97 | yes" in md
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from benchmarks.guestcmd import STALL_RC, ring_words, watched
+from benchmarks.guestcmd import STALL_RC, ring_verdict, ring_words, watched
 
 
 def bash(script: str) -> subprocess.CompletedProcess[str]:
@@ -53,3 +53,26 @@ def test_ring_words_read_the_split_ring_layout() -> None:
 def test_ring_words_never_raise() -> None:
     st = {"vring-num": 4, "vring-avail": 0x1000, "vring-used": 0x2000}
     assert ring_words(FakeGuest({}), st).startswith("(not readable: ")  # type: ignore[arg-type]
+
+
+def test_ring_verdict_names_a_lost_completion_interrupt() -> None:
+    # the state a 5.10 benchmark guest hung in: 96 completions past the guest's used_event, all
+    # signalled (as far as QEMU knows), nothing held by QEMU
+    st = {"inuse": 0, "signalled-used": 63564}
+    words = {"used.idx": 63564, "used_event": 63468}
+    verdict = ring_verdict(st, words)
+    assert verdict is not None and "lost completion interrupt" in verdict and "96 of them" in verdict
+    # the nudge's read completed too, and did not interrupt either
+    assert ring_verdict({"inuse": 0, "signalled-used": 63565}, {"used.idx": 63565, "used_event": 63468})
+    # across the 16-bit wrap
+    assert ring_verdict({"inuse": 0, "signalled-used": 5}, {"used.idx": 5, "used_event": 65530})
+
+
+def test_ring_verdict_stays_quiet_otherwise() -> None:
+    idle = {"used.idx": 700, "used_event": 700}
+    assert ring_verdict({"inuse": 0, "signalled-used": 700}, idle) is None  # all consumed
+    busy = {"used.idx": 700, "used_event": 690}
+    assert ring_verdict({"inuse": 3, "signalled-used": 700}, busy) is None  # QEMU still holds requests
+    # QEMU has not reached the event yet: its next completion will interrupt
+    assert ring_verdict({"inuse": 0, "signalled-used": 689}, {"used.idx": 689, "used_event": 690}) is None
+    assert ring_verdict({}, busy) is None  # an older QEMU without these fields

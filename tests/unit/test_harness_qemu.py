@@ -43,6 +43,8 @@ def test_command_line_tcg(tmp_path: Path) -> None:
     assert argv[0] == "qemu-system-x86_64"
     assert _opt(argv, "-accel") == ["tcg"] and _opt(argv, "-cpu") == ["qemu64,+rdrand"]
     assert _opt(argv, "-m") == ["1024"] and _opt(argv, "-smp") == ["2"]
+    # one vCPU under TCG: a second possible (never online) one keeps the guest's barriers
+    assert _opt(build_command(_cfg(tmp_path, smp=1)), "-smp") == ["1,maxcpus=2"]
     assert _opt(argv, "-kernel") == ["/img/vmlinux"] and _opt(argv, "-initrd") == ["/img/initrd"]
     assert _opt(argv, "-monitor") == ["none"] and "-nographic" not in argv
     assert _opt(argv, "-serial") == ["chardev:con0"] and "signal=off" in _opt(argv, "-chardev")[0]
