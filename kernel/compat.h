@@ -195,6 +195,19 @@ void dbd_thaw(struct block_device *bdev, struct dbd_freeze *f);
 /* ---- VFS -------------------------------------------------------------- */
 int dbd_vfs_unlink(struct file *f);
 
+/* open @name relative to the root of @mnt */
+static inline struct file *dbd_file_open_root(struct vfsmount *mnt, const char *name, int flags,
+					      umode_t mode)
+{
+#ifdef DBD_HAVE_FILE_OPEN_ROOT_PATH
+	struct path root = { .mnt = mnt, .dentry = mnt->mnt_root };
+
+	return file_open_root(&root, name, flags, mode);
+#else
+	return file_open_root(mnt->mnt_root, mnt, name, flags, mode);
+#endif
+}
+
 /* exported everywhere, declared in a public header only from 6.6 */
 #ifndef DBD_HAVE_VFS_PATH_LOOKUP_DECL
 struct path;

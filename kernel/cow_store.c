@@ -2,13 +2,25 @@
 /*
  * The COW file ("exception store").
  *
- * The file lives on the traced filesystem.  It is created, preallocated and
- * zero-filled through the VFS *before* the snapshot is taken, fsync'ed, and
- * its physical layout is captured with bmap().  From then on every access
- * (COW data, index, header) is done with our own bios at those physical
- * sectors, so the COW worker never enters the filesystem and cannot deadlock
- * with journal writes it has to copy itself.  The inode is kept S_IMMUTABLE
- * (in memory) while we hold it, so nobody else can change its layout.
+ * The file lives on the traced filesystem.  It is created and preallocated
+ * through the VFS *before* the snapshot is taken: fallocate() reserves its
+ * blocks without writing them (unwritten extents), only the header block and
+ * the last block are written, and the layout, unwritten extents included, is
+ * captured with the filesystem's fiemap.  From then on every access (COW
+ * data, index, header) is done with our own bios at those physical sectors,
+ * so the COW worker never enters the filesystem and cannot deadlock with
+ * journal writes it has to copy itself.  The inode is kept S_IMMUTABLE (in
+ * memory) while we hold it, so nobody else can change its layout.
+ *
+ * What lies beneath an unwritten extent is invisible to the filesystem (a
+ * read returns zeros) and must never be converted by it: a conversion may
+ * zero the rest of the extent (ext4 does, to save extent splits), which would
+ * destroy what we wrote there.  So the file is never written through the VFS
+ * once we write to it beneath the filesystem, except for expansions, which
+ * only write blocks added after the written last block (see cow_expand()).
+ * For update-img the index is handed over in a new file written through the
+ * VFS (cow_handover()); for our own reload the header block carries the
+ * section map (COW_SMAP_*), since a never-written section holds stale data.
  */
 #include <linux/slab.h>
 #include <linux/vmalloc.h>
@@ -22,6 +34,8 @@
 #include <linux/uio.h>
 #include <linux/cred.h>
 #include <linux/file.h>
+#include <linux/fiemap.h>
+#include <linux/mman.h>
 #include "dattobd.h"
 
 /* ---- async I/O helpers --------------------------------------------------- */
@@ -73,7 +87,6 @@ void dbd_bb_init(struct dbd_bb *bb, struct block_device *bdev, unsigned int opf,
 	bb->io = io;
 	bb->bio = NULL;
 	bb->next = 0;
-	bb->tracked = false;
 }
 
 void dbd_bb_submit(struct dbd_bb *bb)
@@ -84,10 +97,7 @@ void dbd_bb_submit(struct dbd_bb *bb)
 		return;
 	bb->bio = NULL;
 	atomic_inc(&bb->io->pending);
-	if (bb->tracked)
-		dbd_tracked_submit(bio);	/* goes through COW like any other write */
-	else
-		submit_bio_noacct(bio);
+	submit_bio_noacct(bio);
 }
 
 #define DBD_BB_VECS 64
@@ -148,69 +158,6 @@ int cow_bb_add_file(struct cow_store *c, struct dbd_bb *bb, u64 foff, struct pag
 		len -= n;
 	}
 	return 0;
-}
-
-/*
- * Mark in @map the device blocks that hold COW data written by us (slots
- * [first data block, fpos)).  Those writes bypass tracking, so without this
- * the next incremental period would not report them although the blocks
- * differ from what the snapshot showed (zeros).
- */
-void cow_mark_data_blocks(struct cow_store *c, unsigned long *map, u64 nblocks)
-{
-	u64 slot;
-	unsigned int k;
-
-	mutex_lock(&c->ext_mutex);
-	/*
-	 * Areas added by expand were written with zeros beneath the snapshot;
-	 * the snapshot's view of them changed at that moment, so report them
-	 * all as changed (keeps update-img chains byte-exact).
-	 */
-	for (k = 0; k < c->n_ext; k++) {
-		struct dbd_extent *e = &c->ext[k];
-		u64 fs, first = c->init_len >> 9;
-
-		for (fs = max(e->fsect, first); fs < e->fsect + e->nr; fs++) {
-			u64 b = (e->dsect + (fs - e->fsect)) / COW_BLOCK_SECTS;
-
-			if (b < nblocks)
-				set_bit(b, map);
-		}
-	}
-	for (slot = c->first_data_block; slot < c->fpos; slot++) {
-		for (k = 0; k < COW_BLOCK_SECTS; k++) {
-			struct dbd_extent *e = ext_find(c->ext, c->n_ext, slot * COW_BLOCK_SECTS + k);
-			u64 b;
-
-			if (!e)
-				continue;
-			b = (e->dsect + (slot * COW_BLOCK_SECTS + k - e->fsect)) / COW_BLOCK_SECTS;
-			if (b < nblocks)
-				set_bit(b, map);
-		}
-	}
-	mutex_unlock(&c->ext_mutex);
-}
-
-/*
- * Device block holding the @i-th 4 KiB block of the file's header+index area
- * [0, data_offset); false past it or if unmapped.  We rewrite that area
- * beneath the filesystem (dormancy, activation), which changes what a later
- * snapshot shows, so those blocks must be reported as changed.
- */
-bool cow_meta_block(struct cow_store *c, u64 i, u64 *b)
-{
-	struct dbd_extent *e;
-
-	if (i >= c->data_offset / COW_BLOCK)
-		return false;
-	mutex_lock(&c->ext_mutex);
-	e = ext_find(c->ext, c->n_ext, i * COW_BLOCK_SECTS);
-	if (e)
-		*b = (e->dsect + (i * COW_BLOCK_SECTS - e->fsect)) / COW_BLOCK_SECTS;
-	mutex_unlock(&c->ext_mutex);
-	return e && *b < c->ntrack;
 }
 
 /* Is device sector @s part of the COW file area as the snapshot sees it? */
@@ -282,6 +229,50 @@ static void cow_section_add(struct cow_store *c, struct dbd_bb *bb, u64 s, u8 *s
 
 		*err = cow_bb_add_file(c, bb, COW_BLOCK + s * COW_SECT_BYTES + off, pg, 0, PAGE_SIZE);
 	}
+}
+
+/* ---- section map --------------------------------------------------------- */
+static u64 cow_smap_group(u64 nsect)
+{
+	return max_t(u64, 1, DIV_ROUND_UP(nsect, (u64)COW_SMAP_BITS));
+}
+
+static u64 cow_group_of(struct cow_store *c, u64 s)
+{
+	return div64_u64(s, c->group);
+}
+
+/*
+ * Before the first write of a section of group @g beneath the filesystem,
+ * the group's other sections must read as zeros there too (until then they
+ * hold whatever the disk held): queue zero writes for those that are neither
+ * in memory nor on disk.  Resident ones are dirty (written before the header
+ * is marked clean) or were read from the device.  The caller sets the bit
+ * once the writes completed.
+ */
+static void cow_group_zero(struct cow_store *c, struct dbd_bb *bb, u64 g, int *err)
+{
+	u64 s, end = min((g + 1) * c->group, c->nsect);
+	unsigned int off;
+
+	for (s = g * c->group; s < end && !*err; s++) {
+		if (c->sections[s] || test_bit(s, c->on_disk))
+			continue;
+		for (off = 0; off < COW_SECT_BYTES && !*err; off += PAGE_SIZE)
+			*err = cow_bb_add_file(c, bb, COW_BLOCK + s * COW_SECT_BYTES + off,
+					       ZERO_PAGE(0), 0, PAGE_SIZE);
+	}
+}
+
+/* queue the write-back of section @s, and the zeroing of its group if new */
+static void cow_section_write(struct cow_store *c, struct dbd_bb *bb, u64 s, int *err)
+{
+	u64 g = cow_group_of(c, s);
+
+	if (!test_bit(g, c->valid))
+		cow_group_zero(c, bb, g, err);
+	if (!*err)
+		cow_section_add(c, bb, s, (u8 *)c->sections[s], err);
 }
 
 /*
@@ -408,20 +399,18 @@ static int cow_victim_cmp(const void *a, const void *b)
 
 /*
  * Over the limit: write back and free the less-used half of the resident
- * sections (at least down to the limit), as upstream does.  With
- * !@write_dirty only sections identical to the file's index are dropped
- * (incremental mode: writing the index would change blocks that the change
- * list must then report).  @tracked as for cow_finalize().  Worker context,
- * or with the worker paused.
+ * sections (at least down to the limit), as upstream does.  Our writes to
+ * the file are not reported as changed (the file's extents are outside what
+ * a backup image must match), so incremental mode trims too.  Worker
+ * context, or with the worker paused.
  */
-int cow_cache_trim(struct cow_store *c, bool write_dirty, bool tracked)
+int cow_cache_trim(struct cow_store *c)
 {
 	struct cow_victim *v;
 	struct dbd_io io;
 	struct dbd_bb bb;
 	unsigned int noio;
 	u64 limit = READ_ONCE(c->max_resident), keep, n = 0, nv, s, i;
-	bool wrote = false;
 	int err = 0;
 
 	if (c->nresident <= limit)
@@ -432,36 +421,28 @@ int cow_cache_trim(struct cow_store *c, bool write_dirty, bool tracked)
 	if (!v)
 		return 0;	/* try again after the next batch */
 	for (s = 0; s < c->nsect && n < c->nresident; s++)
-		if (c->sections[s] && (write_dirty || !test_bit(s, c->dirty)))
+		if (c->sections[s])
 			v[n++] = (struct cow_victim){ .hits = c->hits[s], .s = s };
-	if (!n) {		/* incremental mode, every resident section dirty: kept till finalize */
-		kvfree(v);
-		return 0;
-	}
 	sort(v, n, sizeof(*v), cow_victim_cmp, NULL);
 	keep = min(limit, c->nresident / 2);
 	nv = min(n, c->nresident - keep);
 
 	dbd_io_init(&io);
 	dbd_bb_init(&bb, c->bdev, REQ_OP_WRITE, &io);
-	bb.tracked = tracked;
 	mutex_lock(&c->ext_mutex);
-	for (i = 0; i < nv && !err; i++) {
-		if (test_bit(v[i].s, c->dirty)) {
-			cow_section_add(c, &bb, v[i].s, (u8 *)c->sections[v[i].s], &err);
-			wrote = true;
-		}
-	}
+	for (i = 0; i < nv && !err; i++)
+		if (test_bit(v[i].s, c->dirty))
+			cow_section_write(c, &bb, v[i].s, &err);
 	err = cow_submit_unlock_wait(c, &bb, &io, err);
 	if (err) {
 		LOG_ERROR(err, "error writing back cow index sections");
 		kvfree(v);
 		return err;
 	}
-	if (wrote && !tracked)
-		c->meta_written = true;
 	for (i = 0; i < nv; i++) {
 		s = v[i].s;
+		if (test_bit(s, c->dirty))
+			set_bit(cow_group_of(c, s), c->valid);
 		kvfree(c->sections[s]);
 		c->sections[s] = NULL;
 		__clear_bit(s, c->dirty);
@@ -476,6 +457,8 @@ int cow_cache_trim(struct cow_store *c, bool write_dirty, bool tracked)
 }
 
 /* ---- file helpers ---------------------------------------------------------- */
+static void cow_fill_block0(struct cow_store *c, u8 *blk, u32 flags);
+
 static void cow_fill_header(struct cow_store *c, struct cow_header *h, u32 flags)
 {
 	memset(h, 0, sizeof(*h));
@@ -573,60 +556,193 @@ static int ext_cmp_dev(const void *a, const void *b)
 	return x->dsect < y->dsect ? -1 : x->dsect > y->dsect;
 }
 
+/* a growing, merged list of extents in file order */
+struct ext_list {
+	struct dbd_extent *e;
+	unsigned int n, cap;
+};
+
+static int ext_list_init(struct ext_list *l, const struct dbd_extent *from, unsigned int n)
+{
+	l->cap = n + 16;
+	l->n = n;
+	l->e = kvmalloc_array(l->cap, sizeof(*l->e), GFP_KERNEL);
+	if (!l->e)
+		return -ENOMEM;
+	if (n)
+		memcpy(l->e, from, n * sizeof(*l->e));
+	return 0;
+}
+
+/* append file sectors [fsect, fsect + nr) at device sector dsect, merging runs */
+static int ext_list_add(struct ext_list *l, u64 fsect, u64 dsect, u64 nr)
+{
+	struct dbd_extent *last = l->n ? &l->e[l->n - 1] : NULL;
+
+	if (last && last->fsect + last->nr == fsect && last->dsect + last->nr == dsect) {
+		last->nr += nr;
+		return 0;
+	}
+	if (l->n == l->cap) {
+		struct dbd_extent *ne = kvmalloc_array(l->cap * 2, sizeof(*ne), GFP_KERNEL);
+
+		if (!ne)
+			return -ENOMEM;
+		memcpy(ne, l->e, l->n * sizeof(*ne));
+		kvfree(l->e);
+		l->e = ne;
+		l->cap *= 2;
+	}
+	l->e[l->n++] = (struct dbd_extent){ .fsect = fsect, .dsect = dsect, .nr = nr };
+	return 0;
+}
+
+static void ext_list_install(struct cow_store *c, struct ext_list *l)
+{
+	kvfree(c->ext);
+	c->ext = l->e;
+	c->n_ext = l->n;
+	l->e = NULL;
+}
+
 /*
- * Map file bytes [start, end) with bmap() and append merged extents to
- * c->ext.  Every block must be mapped (no holes/unwritten/delalloc).
+ * Map file bytes [start, end) with bmap() and append them to c->ext.  Every
+ * block must be mapped and written (bmap reports no unwritten extent): used
+ * for areas added by expansion, which are zero-filled first.
  */
 static int cow_map_range(struct cow_store *c, struct inode *inode, u64 start, u64 end)
 {
 	unsigned int bits = inode->i_blkbits;
 	u64 spb = 1ULL << (bits - 9);
 	u64 blk, first = start >> bits, last = (end + (1ULL << bits) - 1) >> bits;
-	unsigned int cap = c->n_ext + 16;
-	struct dbd_extent *e = kvmalloc_array(cap, sizeof(*e), GFP_KERNEL);
-	unsigned int n = c->n_ext;
+	struct ext_list l;
+	int err = ext_list_init(&l, c->ext, c->n_ext);
 
-	if (!e)
-		return -ENOMEM;
-	if (n)
-		memcpy(e, c->ext, n * sizeof(*e));
-	for (blk = first; blk < last; blk++) {
+	for (blk = first; blk < last && !err; blk++) {
 		sector_t pb = blk;
-		int r = bmap(inode, &pb);
 
-		if (r || pb == 0) {
+		if (bmap(inode, &pb) || pb == 0) {
 			LOG_ERROR(-EIO, "cow file block %llu is not mapped", blk);
-			kvfree(e);
-			return -EIO;
+			err = -EIO;
+			break;
 		}
-		if (n && e[n - 1].fsect + e[n - 1].nr == blk * spb &&
-		    e[n - 1].dsect + e[n - 1].nr == (u64)pb * spb) {
-			e[n - 1].nr += spb;
-			continue;
-		}
-		if (n == cap) {
-			struct dbd_extent *ne = kvmalloc_array(cap * 2, sizeof(*e), GFP_KERNEL);
-
-			if (!ne) {
-				kvfree(e);
-				return -ENOMEM;
-			}
-			memcpy(ne, e, n * sizeof(*e));
-			kvfree(e);
-			e = ne;
-			cap *= 2;
-		}
-		e[n].fsect = blk * spb;
-		e[n].dsect = (u64)pb * spb;
-		e[n].nr = spb;
-		n++;
+		err = ext_list_add(&l, blk * spb, (u64)pb * spb, spb);
 		if (!(blk & 1023))
 			cond_resched();
 	}
-	kvfree(c->ext);
-	c->ext = e;
-	c->n_ext = n;
-	return 0;
+	if (!err)
+		ext_list_install(c, &l);
+	kvfree(l.e);
+	return err;
+}
+
+/* extents whose blocks we cannot write beneath the filesystem */
+#define DBD_FIEMAP_REFUSED (FIEMAP_EXTENT_UNKNOWN | FIEMAP_EXTENT_DELALLOC | \
+			    FIEMAP_EXTENT_ENCODED | FIEMAP_EXTENT_DATA_ENCRYPTED | \
+			    FIEMAP_EXTENT_NOT_ALIGNED | FIEMAP_EXTENT_DATA_INLINE | \
+			    FIEMAP_EXTENT_DATA_TAIL | FIEMAP_EXTENT_SHARED)
+#define DBD_FIEMAP_BATCH 128
+
+/*
+ * Map file bytes [0, @len) with the filesystem's fiemap, which unlike bmap()
+ * reports unwritten (preallocated, never written) extents with their place on
+ * the device.  fiemap only fills a user-space buffer, so this borrows the
+ * calling task's address space: ioctl and mount callers have one; a kernel
+ * thread has none and gets -EAGAIN (the caller tries again later).  *@holes
+ * (when given) tells whether some byte is not allocated; without it a hole
+ * is an error.  Shared (reflinked) extents are refused: a write beneath the
+ * filesystem would change the other file too.
+ */
+static int cow_map_fiemap(struct cow_store *c, struct inode *inode, u64 len, bool *holes,
+			  struct ext_list *out)
+{
+	size_t ubytes = DBD_FIEMAP_BATCH * sizeof(struct fiemap_extent);
+	struct fiemap_extent *kx = NULL;
+	unsigned long uaddr;
+	u64 covered = 0, pos = 0;
+	bool last = false;
+	int err;
+
+	if (!current->mm || (current->flags & PF_KTHREAD))
+		return -EAGAIN;
+	if (!inode->i_op->fiemap)
+		return -EOPNOTSUPP;
+	err = ext_list_init(out, NULL, 0);
+	if (err)
+		return err;
+	uaddr = vm_mmap(NULL, 0, ubytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, 0);
+	if (IS_ERR_VALUE(uaddr)) {
+		err = (int)uaddr;
+		goto out;
+	}
+	kx = kmalloc(ubytes, GFP_KERNEL);
+	if (!kx) {
+		err = -ENOMEM;
+		goto out;
+	}
+	while (!last && pos < len) {
+		struct fiemap_extent_info fi = {
+			.fi_extents_max = DBD_FIEMAP_BATCH,
+			.fi_extents_start = (struct fiemap_extent __user *)uaddr,
+		};
+		unsigned int i;
+
+		err = inode->i_op->fiemap(inode, &fi, pos, len - pos);
+		if (err)
+			break;
+		if (!fi.fi_extents_mapped)
+			break;
+		if (copy_from_user(kx, (void __user *)uaddr,
+				   fi.fi_extents_mapped * sizeof(*kx))) {
+			err = -EFAULT;
+			break;
+		}
+		for (i = 0; i < fi.fi_extents_mapped && !err; i++) {
+			struct fiemap_extent *x = &kx[i];
+			u64 lo = max(x->fe_logical, covered), hi = min(x->fe_logical + x->fe_length, len);
+
+			if (x->fe_flags & FIEMAP_EXTENT_LAST)
+				last = true;
+			if (x->fe_flags & DBD_FIEMAP_REFUSED) {
+				LOG_ERROR(-EINVAL, "cow file extent at %llu cannot be written beneath the filesystem (fiemap flags 0x%x)",
+					  x->fe_logical, x->fe_flags);
+				err = -EINVAL;
+				break;
+			}
+			if (hi <= lo)
+				continue;
+			if (lo > covered) {
+				if (!holes) {
+					LOG_ERROR(-EIO, "cow file bytes %llu-%llu are not allocated", covered, lo);
+					err = -EIO;
+					break;
+				}
+				*holes = true;
+			}
+			err = ext_list_add(out, lo >> 9, (x->fe_physical + (lo - x->fe_logical)) >> 9,
+					   (hi - lo) >> 9);
+			covered = hi;
+		}
+		pos = kx[fi.fi_extents_mapped - 1].fe_logical + kx[fi.fi_extents_mapped - 1].fe_length;
+		cond_resched();
+	}
+	if (!err && covered < len) {
+		if (!holes) {
+			LOG_ERROR(-EIO, "cow file bytes %llu-%llu are not allocated", covered, len);
+			err = -EIO;
+		} else {
+			*holes = true;
+		}
+	}
+out:
+	kfree(kx);
+	if (!IS_ERR_VALUE(uaddr))
+		vm_munmap(uaddr, ubytes);
+	if (err) {
+		kvfree(out->e);
+		out->e = NULL;
+	}
+	return err;
 }
 
 static int cow_rebuild_dext(struct cow_store *c)
@@ -707,9 +823,13 @@ static struct cow_store *cow_alloc(struct block_device *bdev, sector_t nr_sects)
 	c->on_disk = bitmap_zalloc_node_kv(c->nsect);
 	c->dirty = bitmap_zalloc_node_kv(c->nsect);
 	c->hits = kvcalloc(c->nsect, sizeof(u32), GFP_KERNEL);
+	c->group = cow_smap_group(c->nsect);
+	c->ngroups = DIV_ROUND_UP(c->nsect, c->group);
+	c->valid = bitmap_zalloc_node_kv(c->ngroups);
 	c->max_resident = U64_MAX;	/* until cow_set_cache() */
 	c->hdr0 = kzalloc(COW_BLOCK, GFP_KERNEL);
-	if (!c->sections || !c->mapped || !c->on_disk || !c->dirty || !c->hits || !c->hdr0) {
+	if (!c->sections || !c->mapped || !c->on_disk || !c->dirty || !c->hits || !c->valid ||
+	    !c->hdr0) {
 		cow_free(c);
 		return NULL;
 	}
@@ -730,6 +850,55 @@ void cow_unpin(struct cow_store *c)
 	c->pin = NULL;
 }
 
+/* write @len bytes of @buf at @pos through the VFS, all or an error */
+static int cow_vfs_write(struct file *f, const void *buf, size_t len, loff_t pos)
+{
+	ssize_t w = kernel_write(f, buf, len, &pos);
+
+	return w == len ? 0 : (w < 0 ? w : -EIO);
+}
+
+/*
+ * Reserve the file's blocks without writing them: fallocate() leaves
+ * unwritten extents, so the cost does not grow with the size and nothing but
+ * metadata is written (an incremental period that creates the next file
+ * records only those blocks).  Two blocks are written through the VFS: the
+ * header (update-img and reload read it through the filesystem), and the
+ * last block, so that the unwritten extents of the file are never adjacent
+ * to an area an expansion adds and converts (see cow_expand()).  Both are
+ * written back before the layout is captured, so no later writeback of ours
+ * can reach the file beneath what we write by bio.
+ * Without fallocate support the whole file is zero-filled (written extents
+ * read back by bio as the zeros the section map then promises).
+ */
+static int cow_reserve(struct cow_store *c, struct file *f)
+{
+	bool zero_filled = false;
+	int err;
+
+	err = vfs_fallocate(f, 0, 0, c->alloc_len);
+	if (err == -EOPNOTSUPP) {
+		err = cow_zero_fill(f, COW_BLOCK, c->alloc_len);
+		zero_filled = true;
+	}
+	if (err) {
+		LOG_ERROR(err, "error preallocating cow file");
+		return err;
+	}
+	if (zero_filled)
+		bitmap_fill(c->valid, c->ngroups);
+	cow_fill_block0(c, c->hdr0, 0);
+	err = cow_vfs_write(f, c->hdr0, COW_BLOCK, 0);
+	if (!err && !zero_filled)
+		err = cow_vfs_write(f, page_address(ZERO_PAGE(0)), COW_BLOCK,
+				    c->alloc_len - COW_BLOCK);
+	if (!err)
+		err = filemap_write_and_wait(f->f_mapping);
+	if (err)
+		LOG_ERROR(err, "error writing cow header");
+	return err;
+}
+
 /*
  * Create a new COW file (setup steps 6-9 and the physical capture).  The
  * file is closed again before returning; only its inode stays pinned.
@@ -742,8 +911,8 @@ struct cow_store *cow_create(struct block_device *bdev, sector_t nr_sects, const
 			     int *errp)
 {
 	struct cow_store *c;
+	struct ext_list l = { 0 };
 	struct file *f;
-	struct cow_header *h;
 	int err;
 
 	f = filp_open(path, O_RDWR | O_CREAT | O_TRUNC | O_LARGEFILE, 0);
@@ -771,48 +940,22 @@ struct cow_store *cow_create(struct block_device *bdev, sector_t nr_sects, const
 	c->alloc_len = round_up(max(fsize, c->data_offset), COW_BLOCK);
 	c->init_len = c->alloc_len;
 
-	/* step 7: real preallocation (mode 0 extends the file) */
-	err = vfs_fallocate(f, 0, 0, c->alloc_len);
-	if (err && err != -EOPNOTSUPP) {
-		LOG_ERROR(err, "error preallocating cow file");
-		goto fail;
-	}
-
-	/* step 8: dirty header */
-	h = c->hdr0;
-	cow_fill_header(c, h, 0);
-	{
-		loff_t pos = 0;
-		ssize_t w = kernel_write(f, c->hdr0, COW_BLOCK, &pos);
-
-		if (w != COW_BLOCK) {
-			err = w < 0 ? w : -EIO;
-			LOG_ERROR(err, "error writing cow header");
-			goto fail;
-		}
-	}
-
-	/* step 9: must live on the traced filesystem */
+	/* step 9: must live on the traced filesystem (checked before allocating) */
 	if (file_inode(f)->i_sb != dbd_bdev_super(bdev) || file_inode(f)->i_sb->s_bdev != bdev) {
 		err = -EINVAL;
 		LOG_ERROR(err, "cow file must be on the traced filesystem");
 		goto fail;
 	}
-
-	/* turn the preallocation into real written extents, then capture them */
-	err = cow_zero_fill(f, COW_BLOCK, c->alloc_len);
-	if (err) {
-		LOG_ERROR(err, "error zero-filling cow file");
-		goto fail;
-	}
-	err = vfs_fsync(f, 0);
-	if (err) {
-		LOG_ERROR(err, "error syncing cow file");
-		goto fail;
-	}
-	err = cow_map_range(c, file_inode(f), 0, c->alloc_len);
+	/* steps 7 and 8: preallocation, dirty header */
+	err = cow_reserve(c, f);
 	if (!err)
+		err = cow_map_fiemap(c, file_inode(f), c->alloc_len, NULL, &l);
+	if (err == -EAGAIN)
+		err = -EINVAL;	/* no address space to map with: not an ioctl caller */
+	if (!err) {
+		ext_list_install(c, &l);
 		err = cow_rebuild_dext(c);
+	}
 	if (!err)
 		err = cow_path_in_fs(f, relpath);
 	if (!err)
@@ -864,10 +1007,131 @@ static int cow_check_section(struct cow_store *c, u64 s, const u64 *ent, unsigne
 	return 0;
 }
 
+/* read section @s of the file by bio into @buf (ext_mutex not held) */
+static int cow_section_read(struct cow_store *c, u64 s, void *buf)
+{
+	struct dbd_io io;
+	struct dbd_bb bb;
+	int err = 0;
+
+	dbd_io_init(&io);
+	dbd_bb_init(&bb, c->bdev, REQ_OP_READ, &io);
+	mutex_lock(&c->ext_mutex);
+	cow_section_add(c, &bb, s, buf, &err);
+	return cow_submit_unlock_wait(c, &bb, &io, err);
+}
+
+/*
+ * A file of another writer (no section map) may end in an unwritten extent,
+ * which an expansion would convert together with the area it adds: write
+ * its last block through the VFS first, when that reads as zeros (a
+ * preallocated block, or zeros anyway), before anything is written beneath.
+ */
+static int cow_write_tail(struct cow_store *c, struct file *f)
+{
+	loff_t pos = c->alloc_len - COW_BLOCK;
+	void *blk = kmalloc(COW_BLOCK, GFP_KERNEL);
+	int err = 0;
+
+	if (!blk)
+		return -ENOMEM;
+	if (kernel_read(f, blk, COW_BLOCK, &pos) != COW_BLOCK)
+		err = -EIO;
+	else if (!memchr_inv(blk, 0, COW_BLOCK))
+		err = cow_vfs_write(f, blk, COW_BLOCK, c->alloc_len - COW_BLOCK);
+	if (!err)
+		err = filemap_write_and_wait(f->f_mapping);
+	kfree(blk);
+	return err;
+}
+
+/*
+ * Capture the layout of a file to load: every byte allocated.  A file made
+ * sparse elsewhere (a handed-over index) gets its holes preallocated, which
+ * converts nothing.
+ */
+static int cow_map_existing(struct cow_store *c, struct file *f)
+{
+	struct ext_list l;
+	bool holes = false;
+	int err = cow_map_fiemap(c, file_inode(f), c->alloc_len, &holes, &l);
+
+	if (!err && holes) {
+		kvfree(l.e);
+		err = vfs_fallocate(f, 0, 0, c->alloc_len);
+		if (!err)
+			err = cow_map_fiemap(c, file_inode(f), c->alloc_len, NULL, &l);
+	}
+	if (err)
+		return err;
+	ext_list_install(c, &l);
+	return cow_rebuild_dext(c);
+}
+
+/* the section map of a header block: 1 when present (c->valid filled), 0 when absent */
+static int cow_read_smap(struct cow_store *c, const u8 *blk)
+{
+	const u8 *m = blk + COW_SMAP_OFF;
+	__le32 group, nbits;
+	u64 g;
+
+	if (memcmp(m, COW_SMAP_MAGIC, 8))
+		return 0;
+	memcpy(&group, m + 8, 4);
+	memcpy(&nbits, m + 12, 4);
+	if (le32_to_cpu(group) != c->group || le32_to_cpu(nbits) != c->ngroups) {
+		LOG_ERROR(-EINVAL, "cow file section map (%u sections a bit, %u bits) does not fit this device (%llu, %llu)",
+			  le32_to_cpu(group), le32_to_cpu(nbits), c->group, c->ngroups);
+		return -EINVAL;
+	}
+	m += COW_SMAP_HDR;
+	for (g = 0; g < c->ngroups; g++)
+		if (m[g / 8] & (1 << (g % 8)))
+			set_bit(g, c->valid);
+	return 1;
+}
+
+/*
+ * Index of a file without a section map (upstream's): read through the
+ * filesystem, which shows never-written sections as zeros.  A section that
+ * holds entries is in written extents, so reading it back by bio later is
+ * right; the other sections of its group are zeroed beneath the filesystem
+ * now, so that the section map we write from now on can say so.
+ */
+static int cow_validate_loaded(struct cow_store *c)
+{
+	struct dbd_io io;
+	struct dbd_bb bb;
+	u64 s, g, last = U64_MAX;
+	int err = 0;
+
+	dbd_io_init(&io);
+	dbd_bb_init(&bb, c->bdev, REQ_OP_WRITE, &io);
+	mutex_lock(&c->ext_mutex);
+	for (s = 0; s < c->nsect && !err; s++) {
+		if (!c->sections[s] && !test_bit(s, c->on_disk))
+			continue;
+		g = cow_group_of(c, s);
+		if (g != last)
+			cow_group_zero(c, &bb, g, &err);
+		last = g;
+	}
+	err = cow_submit_unlock_wait(c, &bb, &io, err);
+	if (err)
+		return err;
+	for (s = 0; s < c->nsect; s++)
+		if (c->sections[s] || test_bit(s, c->on_disk))
+			set_bit(cow_group_of(c, s), c->valid);
+	return 0;
+}
+
 /*
  * Load an existing, cleanly closed COW file for activation of a reloaded
- * tracer (spec 4.4 "reload or reopen").  Reads the header and index through
- * the VFS (nothing else has the file open yet), captures its layout.
+ * tracer (spec 4.4 "reload or reopen").  The header is read through the VFS
+ * (nothing else has the file open yet); the index is read by bio where the
+ * section map says it is, or through the VFS for a file without one.  @f
+ * must be open for writing (holes get preallocated).  -EAGAIN: no address
+ * space to capture the layout with (kernel thread); try again later.
  */
 struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct file *f, bool snap,
 			   unsigned long cache_bytes, int *errp)
@@ -878,6 +1142,7 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 	loff_t size = i_size_read(inode), pos;
 	void *buf = NULL;
 	unsigned long *used = NULL;
+	int smap;
 	u64 s, i;
 	int err;
 
@@ -936,6 +1201,11 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 			  (long long)size, c->fsize, c->fpos, c->data_offset);
 		goto fail;
 	}
+	smap = cow_read_smap(c, buf);
+	if (smap < 0) {
+		err = smap;
+		goto fail;
+	}
 	c->alloc_len = round_down(size, COW_BLOCK);
 	c->init_len = c->alloc_len;
 	c->falloc_mib = c->fsize >> 20;
@@ -945,10 +1215,15 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 
 		c->fpos = c->first_data_block;
 		atomic64_set(&c->nr_changed, 0);
-		cow_fill_header(c, c->hdr0, 0);
+		cow_fill_block0(c, c->hdr0, 0);
 		c->fpos = fpos;
 		atomic64_set(&c->nr_changed, nr);
 	}
+	err = smap ? 0 : cow_write_tail(c, f);
+	if (!err)
+		err = cow_map_existing(c, f);
+	if (err)
+		goto fail;
 	if (snap) {
 		used = bitmap_zalloc_node_kv(c->fpos - c->first_data_block);
 		if (!used) {
@@ -959,11 +1234,21 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 	for (s = 0; s < c->nsect; s++) {
 		u64 *sec;
 
-		pos = COW_BLOCK + s * COW_SECT_BYTES;
-		if (kernel_read(f, buf, COW_SECT_BYTES, &pos) != COW_SECT_BYTES) {
-			err = -EIO;
-			LOG_ERROR(err, "error reading cow index section %llu", s);
-			goto fail;
+		if (smap) {
+			if (!test_bit(cow_group_of(c, s), c->valid))
+				continue;
+			err = cow_section_read(c, s, buf);
+			if (err) {
+				LOG_ERROR(err, "error reading cow index section %llu", s);
+				goto fail;
+			}
+		} else {
+			pos = COW_BLOCK + s * COW_SECT_BYTES;
+			if (kernel_read(f, buf, COW_SECT_BYTES, &pos) != COW_SECT_BYTES) {
+				err = -EIO;
+				LOG_ERROR(err, "error reading cow index section %llu", s);
+				goto fail;
+			}
 		}
 		if (!memchr_inv(buf, 0, COW_SECT_BYTES))
 			continue;
@@ -990,11 +1275,11 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 	}
 	kvfree(used);
 	used = NULL;
-	err = cow_map_range(c, inode, 0, c->alloc_len);
-	if (!err)
-		err = cow_rebuild_dext(c);
-	if (err)
-		goto fail;
+	if (!smap) {
+		err = cow_validate_loaded(c);
+		if (err)
+			goto fail;
+	}
 	kvfree(buf);
 	*errp = 0;
 	return c;
@@ -1009,31 +1294,28 @@ fail:
 /* is @f still exactly the file whose blocks we write (dormant -> active)? */
 int cow_same_layout(struct cow_store *c, struct file *f)
 {
-	struct cow_store *t;
+	struct ext_list l;
 	int err;
 
 	if (round_down(i_size_read(file_inode(f)), COW_BLOCK) != c->alloc_len)
 		return -EINVAL;
-	t = cow_alloc(c->bdev, 0);
-	if (!t)
-		return -ENOMEM;
-	err = cow_map_range(t, file_inode(f), 0, c->alloc_len);
-	if (!err) {
-		mutex_lock(&c->ext_mutex);
-		if (t->n_ext != c->n_ext || memcmp(t->ext, c->ext, c->n_ext * sizeof(*t->ext)))
-			err = -EINVAL;
-		mutex_unlock(&c->ext_mutex);
-	}
-	cow_free(t);
+	err = cow_map_fiemap(c, file_inode(f), c->alloc_len, NULL, &l);
+	if (err)
+		return err;
+	mutex_lock(&c->ext_mutex);
+	if (l.n != c->n_ext || memcmp(l.e, c->ext, c->n_ext * sizeof(*l.e)))
+		err = -EINVAL;
+	mutex_unlock(&c->ext_mutex);
+	kvfree(l.e);
 	return err;
 }
 
 /*
  * Write the index and then the header (flags) by bio.  Fold the incremental
- * bitmap in first.  With @tracked the bios are submitted through the COW path
- * (the file is part of a newer snapshot).
+ * bitmap in first.  Only sections changed since they were last written go
+ * out (and the zeros of a group written for the first time).
  */
-int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tracked)
+int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed)
 {
 	struct dbd_io io;
 	struct dbd_bb bb;
@@ -1052,32 +1334,31 @@ int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tr
 			if (err)
 				return err;
 		}
-		err = cow_cache_trim(c, true, tracked);
+		err = cow_cache_trim(c);
 		if (err)
 			return err;
 		cond_resched();
 	}
 	c->flags = flags;
-	if (!tracked)
-		c->meta_written = true;
 	dbd_io_init(&io);
 	dbd_bb_init(&bb, c->bdev, REQ_OP_WRITE, &io);
-	bb.tracked = tracked;
 	mutex_lock(&c->ext_mutex);
 	for (s = 0; s < c->nsect && !err; s++)
-		if (c->sections[s])
-			cow_section_add(c, &bb, s, (u8 *)c->sections[s], &err);
+		if (c->sections[s] && test_bit(s, c->dirty))
+			cow_section_write(c, &bb, s, &err);
 	err = cow_submit_unlock_wait(c, &bb, &io, err);
 	if (err) {
 		LOG_ERROR(err, "error writing cow index");
 		return err;
 	}
+	for (s = 0; s < c->nsect; s++)
+		if (c->sections[s] && test_bit(s, c->dirty))
+			set_bit(cow_group_of(c, s), c->valid);
 	bitmap_zero(c->dirty, c->nsect);
 
-	return cow_write_header(c, flags, tracked);
+	return cow_write_header(c, flags);
 }
 
-/* write the header with @flags (FUA), by bio */
 /* make every write that completed before this call durable (an empty PREFLUSH, no data) */
 static int cow_flush_device(struct block_device *bdev)
 {
@@ -1091,24 +1372,52 @@ static int cow_flush_device(struct block_device *bdev)
 	return err;
 }
 
-int cow_write_header(struct cow_store *c, u32 flags, bool tracked)
+/* the header block: struct cow_header, then the section map */
+static void cow_fill_block0(struct cow_store *c, u8 *blk, u32 flags)
+{
+	u8 *m = blk + COW_SMAP_OFF;
+	u64 g;
+
+	memset(blk, 0, COW_BLOCK);
+	cow_fill_header(c, (struct cow_header *)blk, flags);
+	memcpy(m, COW_SMAP_MAGIC, 8);
+	{
+		__le32 group = cpu_to_le32((u32)c->group), nbits = cpu_to_le32((u32)c->ngroups);
+
+		memcpy(m + 8, &group, 4);
+		memcpy(m + 12, &nbits, 4);
+	}
+	m += COW_SMAP_HDR;
+	for (g = find_first_bit(c->valid, c->ngroups); g < c->ngroups;
+	     g = find_next_bit(c->valid, c->ngroups, g + 1))
+		m[g / 8] |= 1 << (g % 8);
+}
+
+static int cow_write_block0(struct cow_store *c, struct page *hp, u32 flags)
 {
 	struct dbd_io io;
 	struct dbd_bb bb;
-	struct page *hp;
+	void *a = dbd_kmap(hp);
 	int err;
 
-	hp = alloc_page(GFP_KERNEL | __GFP_ZERO);
+	cow_fill_block0(c, a, flags);
+	dbd_kunmap(a);
+	dbd_io_init(&io);
+	dbd_bb_init(&bb, c->bdev, REQ_OP_WRITE | REQ_FUA, &io);
+	mutex_lock(&c->ext_mutex);
+	err = cow_bb_add_file(c, &bb, 0, hp, 0, PAGE_SIZE);
+	return cow_submit_unlock_wait(c, &bb, &io, err);
+}
+
+/* write the header with @flags (FUA), by bio */
+int cow_write_header(struct cow_store *c, u32 flags)
+{
+	struct page *hp;
+	int err = 0;
+
+	hp = alloc_page(GFP_KERNEL);
 	if (!hp)
 		return -ENOMEM;
-	{
-		void *a = dbd_kmap(hp);
-
-		cow_fill_header(c, a, flags);
-		dbd_kunmap(a);
-	}
-	if (!tracked)
-		c->meta_written = true;
 	/*
 	 * A CLEAN header promises a complete index: the index sections written
 	 * before it must be durable first (found by write-point replay: a crash
@@ -1117,21 +1426,21 @@ int cow_write_header(struct cow_store *c, u32 flags, bool tracked)
 	 * part from its own context, where the hook would take it for an origin
 	 * write.  FUA makes the header durable before we go on, which a dirty
 	 * header needs so that later index changes never precede it on disk.
+	 * The section map spans all eight sectors of the block: it goes out
+	 * with a dirty header first, so that a torn clean write can only leave
+	 * the flags old, never the map.
 	 */
 	if (flags & COW_CLEAN) {
-		err = cow_flush_device(c->bdev);
+		err = cow_write_block0(c, hp, flags & ~COW_CLEAN);
+		if (!err)
+			err = cow_flush_device(c->bdev);
 		if (err) {
 			__free_page(hp);
 			LOG_ERROR(err, "error flushing the cow index before its clean header");
 			return err;
 		}
 	}
-	dbd_io_init(&io);
-	dbd_bb_init(&bb, c->bdev, REQ_OP_WRITE | REQ_FUA, &io);
-	bb.tracked = tracked;
-	mutex_lock(&c->ext_mutex);
-	err = cow_bb_add_file(c, &bb, 0, hp, 0, PAGE_SIZE);
-	err = cow_submit_unlock_wait(c, &bb, &io, err);
+	err = cow_write_block0(c, hp, flags);
 	__free_page(hp);
 	if (err)
 		LOG_ERROR(err, "error writing cow header");
@@ -1139,6 +1448,71 @@ int cow_write_header(struct cow_store *c, u32 flags, bool tracked)
 		c->clean_on_disk = flags & COW_CLEAN;
 	/* readers through the VFS must see what we wrote beneath the page cache */
 	dbd_pin_invalidate(c->pin);
+	return err;
+}
+
+/*
+ * Hand the index of an incremental period over to update-img: write it,
+ * with the bits of @changed folded in, into the new file @f through the VFS
+ * (a sparse file: sections without entries stay holes), fsync, then the
+ * CLEAN|INDEX_ONLY header and fsync again.  The index we kept beneath the
+ * filesystem is invisible to readers of the old file, which the caller has
+ * unlinked; its blocks stay ours (pinned) until @c is freed, so evicted
+ * sections are read back from there.  A crash before the header leaves a
+ * file without one, which update-img refuses.  Runs while the next snapshot
+ * is live: these are ordinary writes, preserved and tracked like any other.
+ */
+int cow_handover(struct cow_store *c, unsigned long *changed, struct file *f)
+{
+	u64 *buf = kvmalloc(COW_SECT_BYTES, GFP_KERNEL);
+	u64 s, b, nr = 0;
+	int err;
+
+	if (!buf)
+		return -ENOMEM;
+	err = vfs_truncate(&f->f_path, c->data_offset);
+	for (s = 0; s < c->nsect && !err; s++) {
+		u64 first = s * COW_SECT_ENTRIES, end = min(first + COW_SECT_ENTRIES, c->ntrack);
+		bool any = false;
+
+		if (c->sections[s])
+			memcpy(buf, c->sections[s], COW_SECT_BYTES);
+		else if (test_bit(s, c->on_disk))
+			err = cow_section_read(c, s, buf);
+		else
+			memset(buf, 0, COW_SECT_BYTES);
+		if (err)
+			break;
+		for (b = changed ? find_next_bit(changed, end, first) : end; b < end;
+		     b = find_next_bit(changed, end, b + 1))
+			if (!buf[b - first])
+				buf[b - first] = 1;
+		for (b = first; b < end; b++)
+			if (buf[b - first]) {
+				nr++;
+				any = true;
+			}
+		if (any)
+			err = cow_vfs_write(f, buf, COW_SECT_BYTES, COW_BLOCK + s * COW_SECT_BYTES);
+		cond_resched();
+	}
+	if (!err)
+		err = vfs_fsync(f, 0);
+	if (!err) {
+		struct cow_header *h = (struct cow_header *)buf;
+
+		memset(buf, 0, COW_BLOCK);
+		c->fsize = c->data_offset;
+		if (c->version >= 1)
+			atomic64_set(&c->nr_changed, nr);
+		cow_fill_header(c, h, COW_CLEAN | COW_INDEX_ONLY);
+		err = cow_vfs_write(f, buf, COW_BLOCK, 0);
+	}
+	if (!err)
+		err = vfs_fsync(f, 0);
+	kvfree(buf);
+	if (err)
+		LOG_ERROR(err, "error writing the index for update-img");
 	return err;
 }
 
@@ -1207,6 +1581,7 @@ void cow_free(struct cow_store *c)
 	kvfree(c->on_disk);
 	kvfree(c->dirty);
 	kvfree(c->hits);
+	kvfree(c->valid);
 	kvfree(c->ext);
 	kvfree(c->dext);
 	kfree(c->hdr0);

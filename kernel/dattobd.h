@@ -37,6 +37,20 @@ extern unsigned int dbd_cow_fallocate_percentage_default;
 #define COW_SECT_BYTES (COW_SECT_ENTRIES * 8)
 #define COW_PENDING (1ULL << 63)	/* entry being preserved (in memory only) */
 
+/*
+ * Section map, in the header block after struct cow_header (upstream reads
+ * only the struct).  The index area is preallocated, not written, so a
+ * section the driver never wrote holds whatever the disk held before; bit g
+ * says that sections [g * group, (g + 1) * group) hold their index content
+ * at their place on the device, a clear bit that they are all zero.  A file
+ * without the magic (upstream's, or one handed over to update-img) keeps its
+ * index where a read through the filesystem finds it.
+ */
+#define COW_SMAP_OFF 64
+#define COW_SMAP_MAGIC "DBDSMAP1"
+#define COW_SMAP_HDR 16			/* magic, le32 group, le32 nbits */
+#define COW_SMAP_BITS ((COW_BLOCK - COW_SMAP_OFF - COW_SMAP_HDR) * 8)
+
 struct cow_header {
 	u32 magic;
 	u32 flags;
@@ -80,6 +94,8 @@ struct cow_store {
 	unsigned long *on_disk;	/* section s was evicted: only the file's index holds it */
 	unsigned long *dirty;	/* section s differs from the file's index */
 	u32 *hits;		/* uses of section s since the last trim */
+	unsigned long *valid;	/* section map: group g holds its content on the device */
+	u64 group, ngroups;	/* sections per section-map bit, and the bits */
 	u64 nresident;
 	u64 max_resident;	/* from the tracer's cache size, see cow_set_cache() */
 	u64 nr_evicted, nr_loaded;	/* for the debug log */
@@ -90,7 +106,6 @@ struct cow_store {
 	unsigned int n_dext;
 	void *hdr0;			/* first 4 KiB of the file at snapshot time */
 	bool clean_on_disk;		/* header on disk says CLEAN (dormant) */
-	bool meta_written;		/* we rewrote header/index beneath the filesystem */
 };
 
 /* ---- tracer ------------------------------------------------------------ */
@@ -170,6 +185,8 @@ bool dbd_pin_alive(struct dbd_pin *p);
 void dbd_pin_invalidate(struct dbd_pin *p);
 struct file *dbd_open_in_fs(struct block_device *bdev, const char *bdev_path,
 			    const char *relpath, int flags);
+struct file *dbd_create_in_fs(struct block_device *bdev, const char *bdev_path,
+			      const char *relpath);
 
 /* ctl.c */
 extern struct mutex dbd_ctl_mutex;
@@ -226,7 +243,6 @@ struct dbd_bb {
 	struct dbd_io *io;
 	struct bio *bio;
 	sector_t next;
-	bool tracked;
 };
 void dbd_io_init(struct dbd_io *io);
 int dbd_io_wait(struct dbd_io *io);
@@ -250,13 +266,12 @@ u64 cow_entry_peek(struct cow_store *c, u64 b);
 int cow_section_need(struct cow_store *c, u64 b);
 int cow_entry_set(struct cow_store *c, u64 b, u64 v);
 void cow_set_cache(struct cow_store *c, unsigned long bytes);
-int cow_cache_trim(struct cow_store *c, bool write_dirty, bool tracked);
-int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed, bool tracked);
-int cow_write_header(struct cow_store *c, u32 flags, bool tracked);
+int cow_cache_trim(struct cow_store *c);
+int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed);
+int cow_handover(struct cow_store *c, unsigned long *changed, struct file *f);
+int cow_write_header(struct cow_store *c, u32 flags);
 int cow_write_slots(struct cow_store *c, struct page **pages, unsigned int n, u64 fpos);
 void cow_truncate_to_index(struct cow_store *c, struct file *f);
-void cow_mark_data_blocks(struct cow_store *c, unsigned long *map, u64 nblocks);
-bool cow_meta_block(struct cow_store *c, u64 i, u64 *b);
 u64 cow_tracked_blocks(sector_t nr_sects);
 void cow_free(struct cow_store *c);
 int cow_expand(struct dbd_tracer *tr, struct cow_store *c, struct file *f, u64 bytes);

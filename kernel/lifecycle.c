@@ -151,32 +151,41 @@ void dbd_pin_invalidate(struct dbd_pin *p)
 
 /* ---- opening the COW file without holding a mount ------------------------ */
 /*
- * Open <root of the filesystem on @bdev>/<@relpath> through a private,
- * unattached mount of the *existing* read-write superblock.  The returned
- * file holds that mount until fput(); nothing of it is visible to users, and
- * an unmount that races with it completes when the file is closed.
- * Returns ERR_PTR(-EAGAIN) when the device has no live read-write
+ * A private, unattached mount of the *existing* read-write superblock on
+ * @bdev: a file opened through it holds it until fput(); nothing of it is
+ * visible to users, and an unmount that races with it completes when the
+ * file is closed.  ERR_PTR(-EAGAIN) when the device has no live read-write
  * filesystem (never mounts one itself).
  */
-struct file *dbd_open_in_fs(struct block_device *bdev, const char *bdev_path,
-			    const char *relpath, int flags)
+static struct vfsmount *dbd_fs_mount(struct block_device *bdev, const char *bdev_path)
 {
 	struct super_block *sb = dbd_bdev_super(bdev);
 	struct vfsmount *mnt;
-	struct path p;
-	struct file *f;
-	int err;
 
 	if (!sb || sb_rdonly(sb) || !bdev_path)
 		return ERR_PTR(-EAGAIN);
 	mnt = vfs_kern_mount(sb->s_type, 0, bdev_path, NULL);
 	if (IS_ERR(mnt))
-		return ERR_CAST(mnt);
+		return mnt;
 	if (mnt->mnt_sb != sb || mnt->mnt_sb->s_bdev != bdev) {
 		/* the filesystem went away meanwhile: we must not keep our own */
 		mntput(mnt);
 		return ERR_PTR(-EAGAIN);
 	}
+	return mnt;
+}
+
+/* open <root of the filesystem on @bdev>/<@relpath> through dbd_fs_mount() */
+struct file *dbd_open_in_fs(struct block_device *bdev, const char *bdev_path,
+			    const char *relpath, int flags)
+{
+	struct vfsmount *mnt = dbd_fs_mount(bdev, bdev_path);
+	struct path p;
+	struct file *f;
+	int err;
+
+	if (IS_ERR(mnt))
+		return ERR_CAST(mnt);
 	while (*relpath == '/')
 		relpath++;
 	err = vfs_path_lookup(mnt->mnt_root, mnt, relpath, 0, &p);
@@ -189,6 +198,25 @@ struct file *dbd_open_in_fs(struct block_device *bdev, const char *bdev_path,
 	}
 	f = dentry_open(&p, flags | O_LARGEFILE, current_cred());
 	path_put(&p);
+	return f;
+}
+
+/*
+ * Create <root of the filesystem on @bdev>/<@relpath> (O_EXCL, mode 0) for
+ * writing, through a private mount as dbd_open_in_fs() does.
+ */
+struct file *dbd_create_in_fs(struct block_device *bdev, const char *bdev_path,
+			      const char *relpath)
+{
+	struct vfsmount *mnt = dbd_fs_mount(bdev, bdev_path);
+	struct file *f;
+
+	if (IS_ERR(mnt))
+		return ERR_CAST(mnt);
+	while (*relpath == '/')
+		relpath++;
+	f = dbd_file_open_root(mnt, relpath, O_RDWR | O_CREAT | O_EXCL | O_LARGEFILE, 0);
+	mntput(mnt);	/* the file holds the mount */
 	return f;
 }
 

@@ -80,7 +80,7 @@ static void dbd_fail_work(struct work_struct *w)
 		dbd_delete_cow(tr, c, tr->cow_path);
 	} else if (!tr->dead && c && c->clean_on_disk) {
 		/* dormant: the change list is incomplete from now on */
-		if (cow_write_header(c, c->flags & ~COW_CLEAN, false))
+		if (cow_write_header(c, c->flags & ~COW_CLEAN))
 			LOG_WARN("minor %u: could not mark the cow file dirty after the failure",
 				 tr->minor);
 	}
@@ -414,7 +414,7 @@ static int dbd_round_read(struct dbd_tracer *tr, struct cow_store *c, struct dbd
 	sort(r->blks, n, sizeof(u64), cmp_u64, NULL);
 	/* dormant: the clean index on disk is about to become stale */
 	if (c->clean_on_disk) {
-		err = cow_write_header(c, c->flags & ~COW_CLEAN, false);
+		err = cow_write_header(c, c->flags & ~COW_CLEAN);
 		if (err)
 			return err;
 	}
@@ -685,18 +685,6 @@ static void dbd_overlap_rounds(struct dbd_tracer *tr, struct dbd_wctx *x, bool r
 	}
 }
 
-/* incremental: report the file's header/index blocks, rewritten by us, as changed */
-static void dbd_mark_meta(struct dbd_tracer *tr, struct cow_store *c)
-{
-	u64 i, b;
-
-	if (!tr->changed)
-		return;
-	for (i = 0; i < c->data_offset / COW_BLOCK; i++)
-		if (cow_meta_block(c, i, &b))
-			dbd_mark_changed(tr, b, b);
-}
-
 /*
  * Incremental writes that the hook handed over because the header on disk is
  * clean (dormant): make it dirty before the first of them reaches the disk.
@@ -709,8 +697,7 @@ static void dbd_inc_process(struct dbd_tracer *tr, struct bio_list *in)
 	if (c && c->clean_on_disk && !dbd_tracer_error(tr)) {
 		int err;
 
-		dbd_mark_meta(tr, c);
-		err = cow_write_header(c, c->flags & ~COW_CLEAN, false);
+		err = cow_write_header(c, c->flags & ~COW_CLEAN);
 		if (err)
 			dbd_tracer_fail(tr, err);
 	}
@@ -788,11 +775,7 @@ static void dbd_pre_free(struct dbd_tracer *tr)
 	tr->pre_count = 0;
 }
 
-/*
- * Keep the index cache within its limit, between batches (no PENDING entries
- * then).  Incremental mode only drops sections the file already holds: a
- * write-back there would change blocks the change list must report.
- */
+/* Keep the index cache within its limit, between batches (no PENDING entries then). */
 static void dbd_trim_index(struct dbd_tracer *tr)
 {
 	struct cow_store *c = tr->cow;
@@ -800,7 +783,7 @@ static void dbd_trim_index(struct dbd_tracer *tr)
 
 	if (!c || dbd_tracer_error(tr) || !(tr->state & DBD_STATE_ACTIVE))
 		return;
-	err = cow_cache_trim(c, READ_ONCE(tr->hook_mode) == DBD_HOOK_SNAP, false);
+	err = cow_cache_trim(c);
 	if (err)
 		dbd_tracer_fail(tr, err);
 }
@@ -1167,17 +1150,12 @@ int dbd_transition_inc(unsigned int minor)
 	dbd_snapdev_destroy(tr);
 	WRITE_ONCE(tr->changed, map);
 	dbd_hook_set_mode(tr, DBD_HOOK_INC);
-	/* the old worker finishes its queued COW work */
+	/*
+	 * The old worker finishes its queued COW work.  What it wrote to the
+	 * file is not reported: the file's extents are outside what a backup
+	 * image must match (doc/compat.md).
+	 */
 	dbd_stop_worker(tr);
-	cow_mark_data_blocks(tr->cow, map, tr->nblocks);
-	if (tr->cow->meta_written) {
-		u64 i, b;
-
-		/* header/index rewritten beneath the snapshot (dormancy, reload) */
-		for (i = 0; i < tr->cow->data_offset / COW_BLOCK; i++)
-			if (cow_meta_block(tr->cow, i, &b))
-				set_bit(b, map);
-	}
 	if (tr->cow->version >= 1)
 		atomic64_set(&tr->cow->nr_changed, dbd_count_changed(tr));
 	dbd_thaw(tr->bdev, &fz);
@@ -1203,6 +1181,34 @@ int dbd_transition_inc(unsigned int minor)
 	return err;
 }
 
+/*
+ * The file of the incremental period that just ended goes to update-img.
+ * What we wrote of it beneath the filesystem is invisible to its readers
+ * (unwritten extents), so the file is unlinked and its index written
+ * through the VFS into a new file at the same path (cow_handover()).  The
+ * old blocks stay pinned until the caller frees @c.
+ */
+static int dbd_handover(struct dbd_tracer *tr, struct cow_store *c, unsigned long *map,
+			const char *relpath)
+{
+	struct file *f = dbd_open_in_fs(tr->bdev, tr->bdev_path, relpath, O_RDONLY);
+	int err;
+
+	if (IS_ERR(f))
+		return PTR_ERR(f);
+	dbd_set_immutable(file_inode(f), false);
+	err = dbd_vfs_unlink(f);
+	fput(f);
+	if (err)
+		return err;
+	f = dbd_create_in_fs(tr->bdev, tr->bdev_path, relpath);
+	if (IS_ERR(f))
+		return PTR_ERR(f);
+	err = cow_handover(c, map, f);
+	fput(f);
+	return err;
+}
+
 int dbd_transition_snap(unsigned int minor, const char *cow_path, unsigned long falloc_mib)
 {
 	struct dbd_tracer *tr;
@@ -1210,7 +1216,7 @@ int dbd_transition_snap(unsigned int minor, const char *cow_path, unsigned long 
 	unsigned long *oldmap;
 	struct dbd_freeze fz;
 	u64 fsize, rec_mib;
-	char *newpath = NULL;
+	char *newpath = NULL, *oldpath;
 	int err = dbd_get(minor, true, &tr);
 
 	if (err)
@@ -1263,27 +1269,25 @@ int dbd_transition_snap(unsigned int minor, const char *cow_path, unsigned long 
 	dbd_thaw(tr->bdev, &fz);
 	dbd_hook_sync();
 
-	kfree(tr->cow_path);
+	oldpath = tr->cow_path;
 	tr->cow_path = newpath;
 	tr->state = DBD_STATE_SNAPSHOT | DBD_STATE_ACTIVE;
 	err = dbd_snapdev_add(tr);
 	if (err)
 		LOG_ERROR(err, "error adding snapshot disk");
 
-	/*
-	 * Finalize the old file for update-img.  Its blocks now belong to the
-	 * new snapshot, so these writes go through copy-on-write.
-	 */
 	{
-		int e = cow_finalize(oldc, COW_CLEAN | COW_INDEX_ONLY, oldmap, true);
+		int e = dbd_handover(tr, oldc, oldmap, oldpath);
 
 		if (e)
-			LOG_ERROR(e, "error finalizing previous cow file (ignored)");
+			LOG_ERROR(e, "minor %u: the change list of '%s' could not be written for update-img: a full backup is needed",
+				  minor, oldpath);
 		LOG_DEBUG("minor %u: index cache dropped %llu sections and read back %llu", minor,
 			  oldc->nr_evicted, oldc->nr_loaded);
 	}
-	cow_free(oldc);	/* releases the old file: kept, clean, for update-img */
+	cow_free(oldc);	/* releases the old file's blocks */
 	kvfree(oldmap);
+	kfree(oldpath);
 	LOG_DEBUG("minor %u transitioned to snapshot, cow %s", minor, tr->cow_path);
 	return err;
 
@@ -1403,10 +1407,7 @@ void dbd_go_dormant(struct dbd_tracer *tr)
 	WRITE_ONCE(c->clean_on_disk, true);
 	dbd_hook_sync();
 	mutex_lock(&tr->wlock);
-	if (!snap)
-		dbd_mark_meta(tr, c);	/* before the fold: the file is about to change */
-	err = cow_finalize(c, COW_CLEAN | (snap ? 0 : COW_INDEX_ONLY), snap ? NULL : tr->changed,
-			   false);
+	err = cow_finalize(c, COW_CLEAN | (snap ? 0 : COW_INDEX_ONLY), snap ? NULL : tr->changed);
 	cow_unpin(c);
 	tr->state &= ~DBD_STATE_ACTIVE;
 	mutex_unlock(&tr->wlock);
@@ -1435,6 +1436,10 @@ void dbd_wake_dormant(struct dbd_tracer *tr)
 		goto fail;
 	}
 	err = cow_same_layout(c, f);
+	if (err == -EAGAIN) {
+		fput(f);	/* a kernel thread's kick: the next one from a task retries */
+		return;
+	}
 	if (err) {
 		LOG_ERROR(err, "minor %u: cow file '%s' was changed while the volume was unmounted",
 			  tr->minor, tr->cow_path);
@@ -1446,10 +1451,8 @@ void dbd_wake_dormant(struct dbd_tracer *tr)
 	if (err)
 		goto fail;
 	mutex_lock(&tr->wlock);
-	if (c->clean_on_disk) {
-		dbd_mark_meta(tr, c);
-		err = cow_write_header(c, c->flags & ~COW_CLEAN, false);
-	}
+	if (c->clean_on_disk)
+		err = cow_write_header(c, c->flags & ~COW_CLEAN);
 	tr->state |= DBD_STATE_ACTIVE;
 	mutex_unlock(&tr->wlock);
 	if (err)
@@ -1526,7 +1529,7 @@ void dbd_activate_unverified(struct dbd_tracer *tr)
 	int err;
 
 	atomic_set(&tr->error, 0);
-	f = dbd_open_in_fs(tr->bdev, tr->bdev_path, tr->cow_path, O_RDONLY);
+	f = dbd_open_in_fs(tr->bdev, tr->bdev_path, tr->cow_path, O_RDWR);
 	if (IS_ERR(f)) {
 		err = PTR_ERR(f);
 		if (err == -EAGAIN)
@@ -1536,6 +1539,11 @@ void dbd_activate_unverified(struct dbd_tracer *tr)
 		goto fail;
 	}
 	c = cow_load(tr->bdev, tr->nr_sects, f, snap, dbd_cache_size(tr), &err);
+	if (!c && err == -EAGAIN) {
+		fput(f);	/* a kernel thread's kick: the next mount from a task retries */
+		tr->tried_sb = NULL;
+		return;
+	}
 	if (!c) {
 		LOG_ERROR(err, "reload of minor %u: cow file '%s' on %s refused", tr->minor,
 			  tr->cow_path, tr->bdev_path);
@@ -1548,8 +1556,7 @@ void dbd_activate_unverified(struct dbd_tracer *tr)
 		goto fail_cow;
 
 	mutex_lock(&tr->wlock);	/* the worker is paused from here */
-	dbd_mark_meta(tr, c);
-	err = cow_write_header(c, c->flags & ~COW_CLEAN, false);
+	err = cow_write_header(c, c->flags & ~COW_CLEAN);
 	if (!err && snap) {
 		if (tr->pre_lost) {
 			err = -EFBIG;
