@@ -16,8 +16,18 @@ Commands:
   churn DIR --seed S --ops N --manifest OUT [--max-bytes B] [--unsynced-ops K]
   check-manifest DIR MANIFEST [--ignore-deleted] [--fsck DEV --fstype T]
   point-in-time SNAPROOT MANIFEST [--fsck DEV --fstype T]   oracle (b)
-  change-list HASH_N HASH_N1 COW                    oracle (c)
-  update-img SNAPSHOT COW IMAGE [--sha256 HEX]      oracle (c), update-img part
+  change-list HASH_N HASH_N1 COW [--chain F] [--max-spurious N] [--discards]   oracle (c)
+  update-img SNAPSHOT COW IMAGE [--chain F]         oracle (c), update-img part: the image must equal the
+                                                    snapshot outside the chain's COW file extents
+  image-matches IMAGE SNAPSHOT ORIGIN_FILE [--chain F]
+                                                    the same comparison alone (ORIGIN_FILE: any file
+                                                    on the origin filesystem)
+  chain-add COW [--chain F]                         record a COW file's extents (guestlib.cowchain)
+  chain-record [--chain F]                          record the COW files in use now
+  trace-start                                       trace writes, discards and write-zeroes below the
+                                                    filesystems (guestlib.discards) for change-list
+  trace-mark MINOR [--device DEV]                   a marker in that trace: a snapshot period of the
+                                                    minor's device starts, its COW file is made
   cow-structure COW SNAPSHOT [--sectors N] [--written FILE] [--exact] [--seqid N] [--uuid HEX]
   fsck DEV --fstype T
   replay-check LOG TARGET --image IMG --cow PATH --sectors N [--points N] [--after-mark M]
@@ -44,8 +54,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from guestlib import agent, blockhash, churn, cowcorrupt, ioctlfuzz, logwrites, oracles, signed
+from guestlib import (
+    agent,
+    blockhash,
+    churn,
+    cowchain,
+    cowcorrupt,
+    discards,
+    ioctlfuzz,
+    logwrites,
+    oracles,
+    signed,
+)
 from pydbd import cow as cowfmt
+from pydbd import cowview
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -151,14 +173,78 @@ def _cmd_point_in_time(a: argparse.Namespace) -> int:
 
 
 def _cmd_change_list(a: argparse.Namespace) -> int:
+    exempt = cowchain.exempt_for(a.cow, a.chain)
     result = oracles.change_list_complete(
-        blockhash.load_digests(a.hash_n), blockhash.load_digests(a.hash_n1), a.cow
+        blockhash.load_digests(a.hash_n),
+        blockhash.load_digests(a.hash_n1),
+        a.cow,
+        exempt=exempt,
+        discarded=_written_below(a.cow) if a.discards else (),
+        max_spurious=a.max_spurious,
     )
     return _emit(result.to_json())
 
 
+def _device_of(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return cowview.device_of(fd, path)
+    finally:
+        os.close(fd)
+
+
+def _written_below(cow: str) -> list[tuple[int, int]]:
+    """Blocks the workload wrote, discarded or zeroed below the filesystem between snapshots N and
+    N+1, traced (guestlib.discards) from the dbd-cow-create marker before snapshot N on; after the
+    marker before snapshot N+1 only what lies outside that snapshot's new COW file, the rest being
+    its creation (a new file's preallocation must not count as a change)."""
+    device = _device_of(cow)
+    live = sorted(cowchain.live_extents(os.stat(cow).st_dev))
+    traced = discards.segments(device, "WDN", discards.mark_for(os.stat(cow).st_dev))
+    if len(traced) == 1:  # no marker: the whole trace counts
+        return traced[0]
+    newest = [
+        (b, 1) for first, n in traced[-1] for b in range(first, first + n) if not oracles.touches(b, live)
+    ]
+    return traced[-2] + newest
+
+
 def _cmd_update_img(a: argparse.Namespace) -> int:
-    return _emit(oracles.update_img_matches(a.snapshot, a.cow, a.image, expected_sha256=a.sha256).to_json())
+    exempt = cowchain.exempt_for(a.cow, a.chain)
+    return _emit(oracles.update_img_matches(a.snapshot, a.cow, a.image, exempt=exempt).to_json())
+
+
+def _cmd_image_matches(a: argparse.Namespace) -> int:
+    exempt = cowchain.exempt_for(a.origin_file, a.chain)
+    return _emit(oracles.image_matches(a.image, a.snapshot, exempt).to_json())
+
+
+def _cmd_chain_add(a: argparse.Namespace) -> int:
+    return _emit({"ok": True, "extents": [list(e) for e in cowchain.add(a.cow, a.chain)]})
+
+
+def _cmd_trace_start(a: argparse.Namespace) -> int:
+    discards.start()
+    return _emit({"ok": True})
+
+
+def _cmd_trace_mark(a: argparse.Namespace) -> int:
+    """Mark the start of a snapshot period of minor N's device (before setup or a transition)."""
+    from pydbd import control
+
+    device = a.device
+    if device is None:
+        with control.Control() as c:
+            device = c.info(int(a.minor)).bdev
+    discards.mark(discards.mark_for(os.stat(device).st_rdev))
+    return _emit({"ok": True, "device": device})
+
+
+def _cmd_chain_record(a: argparse.Namespace) -> int:
+    """Record the COW files in use, and trace discards on their devices from now on."""
+    paths = cowchain.record_live(a.chain)
+    discards.start()
+    return _emit({"ok": True, "recorded": paths})
 
 
 def _cmd_cow_structure(a: argparse.Namespace) -> int:
@@ -197,7 +283,7 @@ def _own_extents(cow: str, snapshot: str) -> list[tuple[int, int]]:
     if dev_sectors != snap_sectors:
         return []
     try:
-        return agent.fiemap_extents(cow)
+        return agent.fiemap_extents(cow, allow_unwritten=True)
     except (OSError, agent.AgentError):  # no plain extents to name: every sector is compared
         return []
 
@@ -364,8 +450,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fsck", metavar="DEV")
     p.add_argument("--fstype", default="ext4")
 
-    add("change-list", _cmd_change_list, "hash_n", "hash_n1", "cow")
-    add("update-img", _cmd_update_img, "snapshot", "cow", "image").add_argument("--sha256")
+    for p in (
+        p_change_list := add("change-list", _cmd_change_list, "hash_n", "hash_n1", "cow"),
+        add("update-img", _cmd_update_img, "snapshot", "cow", "image"),
+        add("image-matches", _cmd_image_matches, "image", "snapshot", "origin_file"),
+        add("chain-add", _cmd_chain_add, "cow"),
+        add("chain-record", _cmd_chain_record),
+    ):
+        p.add_argument("--chain", default=cowchain.CHAIN)
+    p_change_list.add_argument("--max-spurious", type=int, default=None)
+    add("trace-start", _cmd_trace_start)
+    p = add("trace-mark", _cmd_trace_mark, "minor")
+    p.add_argument("--device", help="the block device (before setup, when minor N has none yet)")
+    p_change_list.add_argument("--discards", action="store_true", help="discards traced since discards-start")
 
     p = add("cow-structure", _cmd_cow_structure, "cow", "snapshot")
     p.add_argument("--sectors", type=int)

@@ -45,7 +45,8 @@ TRIM_FALLOCATE = {
     "zero_range": FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,  # blkdev: write-zeroes, no unmap
 }
 # Extents whose physical location is not plain data on the device: refuse such an arena.
-FIEMAP_EXTENT_BAD = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x800  # unknown, delalloc, encoded, ...
+FIEMAP_EXTENT_UNWRITTEN = 0x800
+FIEMAP_EXTENT_BAD = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | FIEMAP_EXTENT_UNWRITTEN  # unknown, delalloc, ...
 
 
 class AgentError(Exception):
@@ -68,8 +69,11 @@ def token_digest(token: str) -> str:
     return digest(block_content(token))
 
 
-def fiemap_extents(path: str) -> list[tuple[int, int]]:
-    """(physical byte offset, byte length) of every extent of a fully written file (FIEMAP, synced)."""
+def fiemap_extents(path: str, *, allow_unwritten: bool = False) -> list[tuple[int, int]]:
+    """(physical byte offset, byte length) of every extent of a fully written file (FIEMAP, synced);
+    with ``allow_unwritten``, preallocated extents count too (a COW file's, which the driver writes
+    beneath the filesystem)."""
+    bad = FIEMAP_EXTENT_BAD & ~FIEMAP_EXTENT_UNWRITTEN if allow_unwritten else FIEMAP_EXTENT_BAD
     size = os.stat(path).st_size
     out: list[tuple[int, int]] = []
     start = 0
@@ -85,7 +89,7 @@ def fiemap_extents(path: str) -> list[tuple[int, int]]:
             last = False
             for i in range(mapped):
                 logical, physical, length, _r1, _r2, flags = struct.unpack_from("=QQQQQI", buf, 32 + 56 * i)
-                if flags & FIEMAP_EXTENT_BAD:
+                if flags & bad:
                     raise AgentError(f"{path}: extent at {logical} is not plain data (flags {flags:#x})")
                 out.append((physical, length))
                 start = logical + length

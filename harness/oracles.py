@@ -9,6 +9,7 @@ plugin folds into the run's summary line (scenarios, blocks verified, crash poin
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,12 @@ from harness.guest import Guest
 
 GUESTLIB = "PYTHONPATH=/src python3 -m guestlib"
 EXIT_CHECK_FAILED = 1
+# Marked blocks that did not change that one incremental round may report. What the round itself
+# makes is a new COW file (its inode, extent tree and bitmaps, the header and last block, and up to
+# 32 KiB that ext4 zeroes next to each while converting them) and the previous change list handed
+# over to update-img (its few index sections and header): a few dozen blocks of metadata, whatever
+# the volume's size. Same-content rewrites by the workload's filesystem add a few more.
+SPURIOUS_BOUND = 64
 
 
 class GuestlibError(RuntimeError):
@@ -93,8 +100,21 @@ class Oracles:
     # -- the oracles by name (see guestlib/__main__.py for the commands) ------------------------------
 
     def hash(self, device: str, out: str) -> int:
-        """Per-block digests of `device` into the guest file `out`; returns the block count."""
+        """Per-block digests of `device` into the guest file `out`; returns the block count. Hashing
+        a snapshot also records the COW files in use (guestlib.cowchain), whose extents the later
+        change-list and update-img checks leave out, and traces discards from then on."""
+        if device.startswith("/dev/datto"):
+            self.record_cow_files()
         return int(self.run("hash", device, out)["blocks"])
+
+    def start_write_trace(self) -> None:
+        """Trace writes, discards and write-zeroes below the filesystems from now on: change-list
+        takes what the workload did there as changed (guestlib.discards)."""
+        self.run("trace-start")
+
+    def record_cow_files(self) -> None:
+        """Record the extents of the COW files in use now (after a setup, transition or expansion)."""
+        self.run("chain-record")
 
     def stability(self, earlier: str, later: str) -> dict[str, Any]:
         return self.require("stability", earlier, later)
@@ -114,12 +134,30 @@ class Oracles:
     def fsck(self, device: str, fstype: str) -> str:
         return str(self.require("fsck", device, "--fstype", fstype)["message"])
 
-    def change_list(self, hash_n: str, hash_n1: str, cow: str) -> dict[str, Any]:
-        """Oracle 3a; the details carry differing/marked/over_marked/precision."""
-        return dict(self.require("change-list", hash_n, hash_n1, cow)["details"])
+    def change_list(
+        self,
+        hash_n: str,
+        hash_n1: str,
+        cow: str,
+        max_spurious: int | None = SPURIOUS_BOUND,
+    ) -> dict[str, Any]:
+        """Oracle 3a; the details carry differing/marked/spurious/discarded/precision. More than
+        `max_spurious` marked blocks that neither changed nor were discarded (traced since the
+        first snapshot was hashed) fail (None: only measured)."""
+        bound = [] if max_spurious is None else ["--max-spurious", max_spurious]
+        args = ("change-list", hash_n, hash_n1, cow, "--discards", *bound)
+        return dict(self.require(*args)["details"])
 
     def update_img(self, snapshot: str, cow: str, image: str) -> str:
         return str(self.require("update-img", snapshot, cow, image)["message"])
+
+    def update_img_copied(self, snapshot: str, cow: str, image: str) -> int:
+        """update-img and its check, as update_img(); returns the blocks it copied."""
+        stdout = str(self.require("update-img", snapshot, cow, image)["details"]["stdout"])
+        m = re.search(r"copying complete: (\d+) blocks changed", stdout)
+        if not m:
+            raise GuestlibError(f"update-img printed no block count: {stdout[-500:]}")
+        return int(m.group(1))
 
     def cow_structure(self, cow: str, snapshot: str, *options: object) -> str:
         return str(self.require("cow-structure", cow, snapshot, *options)["message"])

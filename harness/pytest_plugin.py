@@ -369,6 +369,7 @@ def oracles(request: pytest.FixtureRequest, guest: Guest, seed: int, target: str
     """guestlib's oracles in this test's guest; the test counts as one oracle scenario."""
     rerun = f"pytest '{request.node.nodeid}' --kernel {target} --seed {seed}"
     o = Oracles(guest, Tally(), context=f"seed {seed}; rerun: {rerun}")
+    o.start_write_trace()
     yield o
     request.node.user_properties.extend([("oracle_scenario", 1), *o.tally.properties()])
 

@@ -283,6 +283,15 @@ def _runs(blocks: Iterable[int], max_run: int | None = None) -> Iterator[tuple[i
         yield first, count
 
 
+def _content_view(fd: int, name: str, device_sectors: int | None) -> int | None:
+    """For a file the module keeps beneath the filesystem (its header block has a section map), a
+    descriptor of its content read from the device (see :mod:`pydbd.cowview`); else None."""
+    from pydbd import cowview  # imported here: cowview imports this module
+
+    nsect = None if device_sectors is None else geometry(device_sectors).nsect
+    return cowview.true_content_fd(fd, name=name, nsect=nsect)
+
+
 def read_header(fd: int) -> CowHeader:
     buf = bytearray(HEADER_SIZE)
     return CowHeader.unpack(buf[: _read_into(fd, buf, 0)])
@@ -300,6 +309,10 @@ class CowFile:
         self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self._owns_fd = True
         try:
+            view = _content_view(self._fd, self.path, device_sectors)
+            if view is not None:
+                os.close(self._fd)
+                self._fd = view
             self._load(device_sectors)
         except BaseException:
             self.close()
@@ -356,6 +369,12 @@ class CowFile:
         """(block, value) for every non-zero entry, in block order."""
         for first, raw in self.iter_raw(start_block, count):
             yield from _nonzero_entries(first, raw)
+
+    def read_slot(self, slot: int) -> bytes:
+        """The 4 KiB data block at slot ``slot`` (what the file holds there; for a file kept beneath
+        the filesystem, what the device holds there)."""
+        buf = bytearray(BLOCK_SIZE)
+        return bytes(buf[: _read_into(self._fd, buf, slot * BLOCK_SIZE)])
 
     def iter_changed_runs(
         self, start_block: int = 0, count: int | None = None, max_run: int | None = None
@@ -517,6 +536,15 @@ def verify(
     fd = os.open(os.fspath(path), os.O_RDONLY | os.O_CLOEXEC)
     try:
         report = VerifyReport(os.fspath(path), os.fstat(fd).st_size, max_violations=max_violations)
+        try:
+            view = _content_view(fd, report.path, device_sectors)
+        except CowFormatError as exc:
+            report.add(exc.offset, RULE_HEADER, exc.message)
+            return report
+        if view is not None:
+            os.close(fd)
+            fd = view
+            report.notes.append("section map present: index and data read from the device beneath the file")
         _verify_fd(fd, device_sectors, report)
         return report
     finally:

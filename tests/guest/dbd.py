@@ -23,8 +23,38 @@ def install_tools(guest: Guest) -> None:
     guest.install_pydbd_tools()
 
 
+GUESTLIB = f"{PY} -m guestlib"
+# dbdctl commands after which a COW file exists whose extents a backup image need not match
+_MAKES_COW_FILE = ("setup-snapshot", "transition-to-snapshot", "expand-cow-file")
+_STARTS_SNAPSHOT = ("setup-snapshot", "transition-to-snapshot")
+
+
 def dbdctl(guest: Guest, args: str, timeout: float = 120) -> CommandResult:
-    return guest.run(f"{DBDCTL} {args}", timeout=timeout)
+    """Run pydbd's dbdctl in the guest. After a command that made or grew a COW file, its extents
+    are recorded (guestlib.cowchain) for the image and change-list checks."""
+    words = args.split()
+    makes_cow_file = words[0] in _MAKES_COW_FILE
+    if words[0] in _STARTS_SNAPSHOT:  # a period of the block trace starts (guestlib.discards)
+        device = f" --device {words[-3]}" if words[0] == "setup-snapshot" else ""
+        guest.check(f"{GUESTLIB} trace-mark {words[-1]}{device}")
+    r = guest.run(f"{DBDCTL} {args}", timeout=timeout)
+    if r.rc == 0 and makes_cow_file:
+        record_cow_files(guest)
+    return r
+
+
+def record_cow_files(guest: Guest) -> None:
+    """Record the extents of the COW files in use now (guestlib chain-record)."""
+    guest.check(f"{GUESTLIB} chain-record")
+
+
+def assert_image_matches(guest: Guest, image: str, snapshot: str, origin_file: str) -> None:
+    """The backup image equals the snapshot outside the recorded COW files' extents (doc/compat.md);
+    `origin_file` is any file on the tracked filesystem."""
+    r = guest.run(f"{GUESTLIB} image-matches {image} {snapshot} {origin_file}", timeout=600)
+    lines = r.stdout.strip().splitlines()
+    data = json.loads(lines[-1]) if lines else {}
+    assert r.rc == 0 and data.get("ok"), f"{image} does not match {snapshot}: {data.get('message', r.stderr)}"
 
 
 def ctl(guest: Guest, method: str, *args: Any) -> int:

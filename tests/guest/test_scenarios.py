@@ -244,11 +244,47 @@ def test_incremental_chain_marks_every_changed_block(
         o.hash("/dev/datto0", f"/root/h{rnd}")
         details = o.change_list(f"/root/h{rnd - 1}", f"/root/h{rnd}", cow)
         request.node.user_properties.append((f"round{rnd}_precision", round(details["precision"], 3)))
+        print(f"round {rnd}: {workloads.precision_line(details)}")
         o.update_img("/dev/datto0", cow, "/backups/img")
         _ok(g, "transition-to-incremental 0")
         g.check(f"rm -f {cow}")
         cow = new_cow
     _destroy_and_check_eviction(g, cache)
+    g.assert_no_kernel_findings()
+
+
+# -- scenario 2a: what a backup round costs ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fs", FSTYPES)
+def test_backup_round_reports_only_what_changed(module_guest: Guest, oracles: Oracles, fs: str) -> None:
+    """The seed README's round, twice: 1 MiB written and synced, transition-to-snapshot with a new
+    COW file of the default size, update-img. The change list must report what the workload changed
+    and no more than SPURIOUS_BOUND other blocks (the new COW file's preallocation is not a change),
+    update-img copies only what it reports, and the image equals the snapshot."""
+    g, o = module_guest, oracles
+    _prepare(g, "/dev/vdb", fs)
+    g.check("mkfs.ext4 -q -F -O ^orphan_file /dev/vdc && mkdir -p /backups && mount /dev/vdc /backups")
+    _ok(g, f"setup-snapshot /dev/vdb {COW} 0")
+    g.check("dd if=/dev/datto0 of=/backups/img bs=1M status=none", timeout=600)
+    o.hash("/dev/datto0", "/root/h0")
+    _ok(g, "transition-to-incremental 0")
+    cow = COW
+    for rnd in (1, 2):
+        g.check(f"dd if=/dev/urandom of={MNT}/round{rnd} bs=1M count=1 status=none && sync")
+        new_cow = f"{MNT}/.datto{rnd}"
+        _ok(g, f"transition-to-snapshot {new_cow} 0")
+        o.hash("/dev/datto0", f"/root/h{rnd}")
+        details = o.change_list(f"/root/h{rnd - 1}", f"/root/h{rnd}", cow)
+        print(f"round {rnd}: {workloads.precision_line(details)}")
+        copied = o.update_img_copied("/dev/datto0", cow, "/backups/img")
+        marked = details["marked"]
+        assert copied == marked, f"update-img copied {copied} blocks, the change list has {marked}"
+        assert copied >= 256, f"round {rnd}: {copied} blocks copied for a 1 MiB change"
+        _ok(g, "transition-to-incremental 0")
+        g.check(f"rm -f {cow}")
+        cow = new_cow
+    _ok(g, "destroy 0")
     g.assert_no_kernel_findings()
 
 

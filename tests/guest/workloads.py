@@ -122,3 +122,11 @@ def discard_heavy(g: Guest, root: str, seed: int, rounds: int = 4, files: int = 
         steps.append("sync")
     steps.append(f"fstrim {root} && sync")
     g.check(" && ".join(steps), timeout=900)
+
+
+def precision_line(details: dict[str, object]) -> str:
+    """One line of a change-list oracle's counts: what was marked and why."""
+    return (
+        f"{details['marked']} marked: {details['differing']} changed, {details['discarded']} written, "
+        f"discarded or zeroed unchanged, {details['spurious']} spurious; precision {details['precision']:.3f}"
+    )

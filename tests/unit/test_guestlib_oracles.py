@@ -207,19 +207,53 @@ def test_update_img_oracle_reports_a_refused_update(tmp_path: Path) -> None:
     assert "seqid" in result.message
 
 
-def test_update_img_oracle_with_expected_hash(tmp_path: Path) -> None:
-    snap, cow_path, image = _update_setup(tmp_path, [2, 30, 31])
+def test_update_img_oracle_leaves_the_cow_extents_out(tmp_path: Path) -> None:
+    """Block 30 is stale in the image; inside a COW file's extent that is allowed, outside it is not."""
+    snap, cow_path, image = _update_setup(tmp_path, [2, 31])
+    exempt = [(30 * 4096, 4096)]
     result = oracles.update_img_matches(
-        snap,
-        cow_path,
-        image,
-        expected_sha256="0" * 64,
-        info_lookup=lambda minor: _info(),
-        minor_resolver=lambda path: 0,
+        snap, cow_path, image, exempt=exempt, info_lookup=lambda minor: _info(), minor_resolver=lambda path: 0
     )
+    assert result.ok, result.message
+    assert result.details["differing_in_cow_extents"] == 1
+
+
+def test_image_matches_masks_only_the_sectors_of_a_cow_extent(tmp_path: Path) -> None:
+    """A block that straddles a COW file's extent (1 KiB filesystem blocks) is compared outside it."""
+    image = _image(tmp_path / "img", 0)
+    snap = tmp_path / "snap"
+    data = bytearray(image.read_bytes())
+    data[7 * 4096 : 7 * 4096 + 512] = bytes(512)  # sector 0 of block 7, inside the extent
+    snap.write_bytes(data)
+    inside = [(7 * 4096, 1024)]
+    assert oracles.image_matches(str(image), str(snap), inside).ok
+    data[7 * 4096 + 2048] ^= 1  # sector 4 of block 7: outside the extent
+    snap.write_bytes(data)
+    result = oracles.image_matches(str(image), str(snap), inside)
     assert not result.ok
-    assert result.first_block is None
-    assert "!= snapshot N+1 0000" in result.message
+    assert result.first_block == 7
+    assert "straddles a COW file" in result.message
+
+
+def test_image_matches_names_an_all_zero_block(tmp_path: Path) -> None:
+    image = _image(tmp_path / "img", 0)
+    snap = tmp_path / "snap"
+    data = bytearray(image.read_bytes())
+    data[5 * 4096 : 6 * 4096] = bytes(4096)
+    snap.write_bytes(data)
+    result = oracles.image_matches(str(image), str(snap))
+    assert not result.ok
+    assert result.first_block == 5
+    assert "the snapshot's block is all zeros" in result.message
+
+
+def test_change_list_leaves_the_cow_extents_out(tmp_path: Path) -> None:
+    snap_n = blockhash.hash_blocks(_image(tmp_path / "n", 0))
+    snap_n1 = blockhash.hash_blocks(_image(tmp_path / "n1", 0, {3: 1, 10: 1, 11: 1}))
+    cow_file = _incremental_cow(tmp_path / "c", [3, 11])
+    assert not oracles.change_list_complete(snap_n, snap_n1, cow_file).ok
+    result = oracles.change_list_complete(snap_n, snap_n1, cow_file, exempt=[(10 * 4096 + 512, 512)])
+    assert result.ok, result.message
 
 
 # (d) -----------------------------------------------------------------------------------------------
