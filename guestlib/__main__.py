@@ -19,6 +19,11 @@ Commands:
   change-list HASH_N HASH_N1 COW [--chain F] [--max-spurious N] [--discards]   oracle (c)
   update-img SNAPSHOT COW IMAGE [--chain F]         oracle (c), update-img part: the image must equal the
                                                     snapshot outside the chain's COW file extents
+  change-list-traced COW [--chain F] [--max-spurious N]
+                                                    oracle (c) from the block trace alone: every traced
+                                                    write of the period is marked, few marked blocks are
+                                                    not traced (any volume size)
+  marked-blocks-match IMAGE SNAPSHOT COW             the blocks COW marks are equal in both
   image-matches IMAGE SNAPSHOT ORIGIN_FILE [--chain F]
                                                     the same comparison alone (ORIGIN_FILE: any file
                                                     on the origin filesystem)
@@ -26,8 +31,8 @@ Commands:
   chain-record [--chain F]                          record the COW files in use now
   trace-start                                       trace writes, discards and write-zeroes below the
                                                     filesystems (guestlib.discards) for change-list
-  trace-mark MINOR [--device DEV]                   a marker in that trace: a snapshot period of the
-                                                    minor's device starts, its COW file is made
+  trace-mark MINOR [--device DEV] [--taken]         a marker in that trace: the minor's next COW file
+                                                    is made from here (--taken: its snapshot exists)
   cow-structure COW SNAPSHOT [--sectors N] [--written FILE] [--exact] [--seqid N] [--uuid HEX]
   fsck DEV --fstype T
   replay-check LOG TARGET --image IMG --cow PATH --sectors N [--points N] [--after-mark M]
@@ -179,7 +184,17 @@ def _cmd_change_list(a: argparse.Namespace) -> int:
         blockhash.load_digests(a.hash_n1),
         a.cow,
         exempt=exempt,
-        discarded=_written_below(a.cow) if a.discards else (),
+        discarded=[run for part in _written_below(a.cow) for run in part] if a.discards else (),
+        max_spurious=a.max_spurious,
+    )
+    return _emit(result.to_json())
+
+
+def _cmd_change_list_traced(a: argparse.Namespace) -> int:
+    result = oracles.change_list_traced(
+        a.cow,
+        *_written_below(a.cow),
+        exempt=cowchain.exempt_for(a.cow, a.chain),
         max_spurious=a.max_spurious,
     )
     return _emit(result.to_json())
@@ -193,20 +208,32 @@ def _device_of(path: str) -> str:
         os.close(fd)
 
 
-def _written_below(cow: str) -> list[tuple[int, int]]:
-    """Blocks the workload wrote, discarded or zeroed below the filesystem between snapshots N and
-    N+1, traced (guestlib.discards) from the dbd-cow-create marker before snapshot N on; after the
-    marker before snapshot N+1 only what lies outside that snapshot's new COW file, the rest being
-    its creation (a new file's preallocation must not count as a change)."""
+def _written_below(cow: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """What the workload wrote, discarded or zeroed below the filesystem in the period of ``cow``
+    (traced by guestlib.discards), as (the blocks every change list must mark, the blocks that
+    may explain a marked one besides). The period is cut by the markers of its device: it starts
+    where its snapshot was taken (or its COW file's creation began: explains only) and ends where
+    the next snapshot's COW file's creation began; after that only what lies outside the new COW
+    file explains (the rest is its creation: a preallocation is no change; the previous change
+    list, written for update-img after the freeze, is the next period's)."""
     device = _device_of(cow)
-    live = sorted(cowchain.live_extents(os.stat(cow).st_dev))
-    traced = discards.segments(device, "WDN", discards.mark_for(os.stat(cow).st_dev))
-    if len(traced) == 1:  # no marker: the whole trace counts
-        return traced[0]
+    st_dev = os.stat(cow).st_dev
+    live = sorted(cowchain.live_extents(st_dev))
+    start, taken = discards.mark_for(st_dev), discards.mark_for(st_dev, taken=True)
+    segs = discards.segments(device, "WDN", (start, taken))
+    starts = [i for i, (mark, _) in enumerate(segs) if mark == start]
+    if not starts:  # no marker: the whole trace counts
+        return [run for _, runs in segs for run in runs], []
+    first, last = (starts[-2] if len(starts) > 1 else 0), starts[-1]
+    taken_at = next((i for i in range(first + 1, last) if segs[i][0] == taken), first)
+
+    def runs_of(lo: int, hi: int) -> list[tuple[int, int]]:
+        return [run for _, runs in segs[lo:hi] for run in runs]
+
     newest = [
-        (b, 1) for first, n in traced[-1] for b in range(first, first + n) if not oracles.touches(b, live)
+        (b, 1) for f, n in runs_of(last, len(segs)) for b in range(f, f + n) if not oracles.touches(b, live)
     ]
-    return traced[-2] + newest
+    return runs_of(taken_at, last), runs_of(first, taken_at) + newest
 
 
 def _cmd_update_img(a: argparse.Namespace) -> int:
@@ -219,6 +246,10 @@ def _cmd_image_matches(a: argparse.Namespace) -> int:
     return _emit(oracles.image_matches(a.image, a.snapshot, exempt).to_json())
 
 
+def _cmd_marked_blocks_match(a: argparse.Namespace) -> int:
+    return _emit(oracles.marked_blocks_match(a.image, a.snapshot, a.cow).to_json())
+
+
 def _cmd_chain_add(a: argparse.Namespace) -> int:
     return _emit({"ok": True, "extents": [list(e) for e in cowchain.add(a.cow, a.chain)]})
 
@@ -229,14 +260,15 @@ def _cmd_trace_start(a: argparse.Namespace) -> int:
 
 
 def _cmd_trace_mark(a: argparse.Namespace) -> int:
-    """Mark the start of a snapshot period of minor N's device (before setup or a transition)."""
+    """Mark where a COW file's creation for minor N's device begins (before setup or a transition),
+    or with --taken where the ioctl returned."""
     from pydbd import control
 
     device = a.device
     if device is None:
         with control.Control() as c:
             device = c.info(int(a.minor)).bdev
-    discards.mark(discards.mark_for(os.stat(device).st_rdev))
+    discards.mark(discards.mark_for(os.stat(device).st_rdev, taken=a.taken))
     return _emit({"ok": True, "device": device})
 
 
@@ -452,6 +484,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for p in (
         p_change_list := add("change-list", _cmd_change_list, "hash_n", "hash_n1", "cow"),
+        p_traced := add("change-list-traced", _cmd_change_list_traced, "cow"),
         add("update-img", _cmd_update_img, "snapshot", "cow", "image"),
         add("image-matches", _cmd_image_matches, "image", "snapshot", "origin_file"),
         add("chain-add", _cmd_chain_add, "cow"),
@@ -459,9 +492,12 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p.add_argument("--chain", default=cowchain.CHAIN)
     p_change_list.add_argument("--max-spurious", type=int, default=None)
+    p_traced.add_argument("--max-spurious", type=int, default=None)
     add("trace-start", _cmd_trace_start)
+    add("marked-blocks-match", _cmd_marked_blocks_match, "image", "snapshot", "cow")
     p = add("trace-mark", _cmd_trace_mark, "minor")
     p.add_argument("--device", help="the block device (before setup, when minor N has none yet)")
+    p.add_argument("--taken", action="store_true", help="the snapshot was taken: its period begins")
     p_change_list.add_argument("--discards", action="store_true", help="discards traced since discards-start")
 
     p = add("cow-structure", _cmd_cow_structure, "cow", "snapshot")

@@ -25,10 +25,12 @@ INSTANCE = Path("/sys/kernel/tracing/instances/dbd-discards")
 _EVENT = re.compile(r"block_bio_queue: (\d+),(\d+) (\S+) (\d+) \+ (\d+)|(tracing_mark_write): (\S+)")
 
 
-def mark_for(st_rdev: int) -> str:
+def mark_for(st_rdev: int, taken: bool = False) -> str:
     """The marker written before each setup-snapshot and transition-to-snapshot of the device
-    ``st_rdev`` (major:minor): a snapshot period starts there."""
-    return f"dbd-cow-create-{os.major(st_rdev)}:{os.minor(st_rdev)}"
+    ``st_rdev`` (major:minor), where its COW file's creation starts, or with ``taken`` after it
+    returned, when the snapshot exists and its period has begun."""
+    kind = "dbd-snapshot-taken" if taken else "dbd-cow-create"
+    return f"{kind}-{os.major(st_rdev)}:{os.minor(st_rdev)}"
 
 
 SECTOR = 512
@@ -72,31 +74,34 @@ def mark(text: str) -> None:
         marker.write_text(text)
 
 
+Segment = tuple[str, list[tuple[int, int]]]
+
+
 def blocks(device: str, ops: str = "DN") -> list[tuple[int, int]]:
     """Every traced run of ``device``, see :func:`segments`."""
-    return [run for segment in segments(device, ops) for run in segment]
+    return [run for _, segment in segments(device, ops) for run in segment]
 
 
-def segments(device: str, ops: str = "DN", mark_text: str | None = None) -> list[list[tuple[int, int]]]:
+def segments(device: str, ops: str = "DN", marks: tuple[str, ...] = ()) -> list[Segment]:
     """(first block, count) of every traced bio of ``device`` (relative to it) whose operation (the
-    first letter of rwbs) is in ``ops``, in the 4 KiB blocks it touches, split at each marker
-    ``mark_text`` (one more segment than markers). Lost events (the trace buffer wrapped) raise
-    OSError: a partial trace would make blocks look spurious."""
+    first letter of rwbs) is in ``ops``, in the 4 KiB blocks it touches, split at each marker in
+    ``marks``: (the marker that opened the segment, "" for the first; its runs). Lost events (the
+    trace buffer wrapped) raise OSError: a partial trace would make blocks look spurious."""
     major, minor, first_sector = _disk_and_start(device)
     try:
         text = (INSTANCE / "trace").read_text()
     except FileNotFoundError:
-        return [[]]
+        return [("", [])]
     for stats in INSTANCE.glob("per_cpu/cpu*/stats"):
         overrun = re.search(r"^overrun: (\d+)", stats.read_text(), re.M)
         if overrun and int(overrun.group(1)):
             raise OSError(f"the block trace lost {overrun.group(1)} events ({stats.parent.name})")
     end_sector = first_sector + _sectors(device)
-    out: list[list[tuple[int, int]]] = [[]]
+    out: list[Segment] = [("", [])]
     for m in _EVENT.finditer(text):
         if m.group(6):
-            if m.group(7) == mark_text:
-                out.append([])
+            if m.group(7) in marks:
+                out.append((m.group(7), []))
             continue
         if (int(m.group(1)), int(m.group(2))) != (major, minor) or m.group(3)[0] not in ops:
             continue
@@ -106,7 +111,7 @@ def segments(device: str, ops: str = "DN", mark_text: str | None = None) -> list
             continue
         b0 = (lo - first_sector) * SECTOR // BLOCK
         b1 = ((hi - first_sector) * SECTOR + BLOCK - 1) // BLOCK
-        out[-1].append((b0, b1 - b0))
+        out[-1][1].append((b0, b1 - b0))
     return out
 
 

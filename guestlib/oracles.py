@@ -211,6 +211,25 @@ def _ranges(blocks: Sequence[int]) -> str:
     return ", ".join(out)
 
 
+def _subtract(runs: Sequence[tuple[int, int]], minus: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of the merged ``runs`` outside the merged ``minus`` runs."""
+    out: list[tuple[int, int]] = []
+    j = 0
+    for first, count in runs:
+        pos, end = first, first + count
+        while j < len(minus) and minus[j][0] + minus[j][1] <= pos:
+            j += 1
+        k = j
+        while pos < end and k < len(minus) and minus[k][0] < end:
+            if minus[k][0] > pos:
+                out.append((pos, minus[k][0] - pos))
+            pos = max(pos, minus[k][0] + minus[k][1])
+            k += 1
+        if pos < end:
+            out.append((pos, end - pos))
+    return out
+
+
 def _in_runs(block: int, runs: Sequence[tuple[int, int]]) -> bool:
     i = bisect.bisect_right(runs, (block, 1 << 62)) - 1
     return i >= 0 and block < runs[i][0] + runs[i][1]
@@ -313,6 +332,72 @@ def change_list_complete(
     )
 
 
+def change_list_traced(
+    cow_path: str | os.PathLike[str],
+    traced: Sequence[tuple[int, int]],
+    also_explains: Sequence[tuple[int, int]] = (),
+    *,
+    exempt: Sequence[tuple[int, int]] = (),
+    nblocks: int | None = None,
+    max_spurious: int | None = None,
+    max_listed: int = 50,
+) -> OracleResult:
+    """The change list of period N against what the workload did below the filesystem in that
+    period (``traced``: (first block, count) runs of writes, discards and write-zeroes, see
+    guestlib.discards), without reading either snapshot, so it costs the same on any volume size.
+    Every traced block outside ``exempt`` (the chain's COW file extents, byte runs) must be marked;
+    more than ``max_spurious`` marked blocks that were not traced fail. ``also_explains`` (what came
+    after the next snapshot's marker) may explain a marked block but need not be marked: the
+    transition writes the previous change list for update-img after its freeze."""
+    runs = _merged_runs(traced)
+    explained = _merged_runs([*traced, *also_explains])
+    own_blocks = _merged_runs(
+        [
+            (start // BLOCK_SIZE, -(-(start + length) // BLOCK_SIZE) - start // BLOCK_SIZE)
+            for start, length in exempt
+        ]
+    )
+    marked = list(_marked_blocks(cow_path, nblocks if nblocks is not None else 1 << 62))
+    spurious = [b for b in marked if not _in_runs(b, explained)]
+    missed_runs = _subtract(_subtract(runs, _merged_runs([(b, 1) for b in marked])), own_blocks)
+    n_missed = sum(count for _, count in missed_runs)
+    missed = [b for first, count in missed_runs for b in range(first, min(first + count, first + max_listed))]
+    missed = missed[:max_listed]
+    details: dict[str, Any] = {
+        "marked": len(marked),
+        "traced": sum(count for _, count in runs),
+        "missed": n_missed,
+        "missed_blocks": missed,
+        "spurious": len(spurious),
+        "spurious_blocks": spurious[:max_listed],
+    }
+    name, where = "change-list-traced", os.fspath(cow_path)
+    if n_missed:
+        return OracleResult(
+            name,
+            False,
+            f"block {missed[0]} was written below the filesystem but is not marked in {where}; "
+            f"{n_missed} such blocks: {_ranges(missed)}",
+            first_block=missed[0],
+            details=details,
+        )
+    if max_spurious is not None and len(spurious) > max_spurious:
+        return OracleResult(
+            name,
+            False,
+            f"{len(spurious)} blocks of {where} are marked but the workload did not write, discard or "
+            f"zero them (bound {max_spurious}); the first: {_ranges(spurious[:max_listed])}",
+            first_block=spurious[0],
+            details=details,
+        )
+    return OracleResult(
+        name,
+        True,
+        f"all {details['traced']} traced blocks marked; {len(marked)} marked, {len(spurious)} spurious",
+        details=details,
+    )
+
+
 def update_img_matches(
     snapshot: str,
     cow_path: str,
@@ -400,6 +485,31 @@ def image_matches(image: str, snapshot: str, exempt: Sequence[tuple[int, int]] =
             f"({inside} blocks inside them differ)",
             details=details,
         )
+    finally:
+        os.close(fa)
+        os.close(fb)
+
+
+def marked_blocks_match(image: str, snapshot: str, cow_path: str) -> OracleResult:
+    """The blocks ``cow_path`` marks read the same in ``image`` and ``snapshot``: what update-img
+    copied is right, checked without reading the rest of a large volume."""
+    fa = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    fb = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        n = 0
+        for block in _marked_blocks(cow_path, 1 << 62):
+            x, y = os.pread(fa, BLOCK_SIZE, block * BLOCK_SIZE), os.pread(fb, BLOCK_SIZE, block * BLOCK_SIZE)
+            n += 1
+            if x != y:
+                return OracleResult(
+                    "marked-blocks",
+                    False,
+                    f"marked block {block} differs (image {blockhash.block_digest(x).hex()}, snapshot "
+                    f"{blockhash.block_digest(y).hex()}{_difference_label(x, y, 0)})",
+                    first_block=block,
+                    details={"compared": n},
+                )
+        return OracleResult("marked-blocks", True, f"all {n} marked blocks equal", details={"compared": n})
     finally:
         os.close(fa)
         os.close(fb)

@@ -148,6 +148,11 @@ class Oracles:
         args = ("change-list", hash_n, hash_n1, cow, "--discards", *bound)
         return dict(self.require(*args)["details"])
 
+    def change_list_traced(self, cow: str, max_spurious: int | None = SPURIOUS_BOUND) -> dict[str, Any]:
+        """Oracle 3a from the block trace (no snapshot read): details carry marked/traced/spurious."""
+        bound = [] if max_spurious is None else ["--max-spurious", max_spurious]
+        return dict(self.require("change-list-traced", cow, *bound)["details"])
+
     def update_img(self, snapshot: str, cow: str, image: str) -> str:
         return str(self.require("update-img", snapshot, cow, image)["message"])
 

@@ -457,7 +457,8 @@ int cow_cache_trim(struct cow_store *c)
 }
 
 /* ---- file helpers ---------------------------------------------------------- */
-static void cow_fill_block0(struct cow_store *c, u8 *blk, u32 flags);
+enum cow_smap_fill { COW_SMAP_NONE, COW_SMAP_EMPTY, COW_SMAP_CURRENT };
+static void cow_fill_block0(struct cow_store *c, u8 *blk, u32 flags, enum cow_smap_fill map);
 
 static void cow_fill_header(struct cow_store *c, struct cow_header *h, u32 flags)
 {
@@ -885,9 +886,10 @@ static int cow_reserve(struct cow_store *c, struct file *f)
 		LOG_ERROR(err, "error preallocating cow file");
 		return err;
 	}
+	/* the initial header: also what the snapshot shows of it, and what a reload rebuilds */
+	cow_fill_block0(c, c->hdr0, 0, COW_SMAP_EMPTY);
 	if (zero_filled)
-		bitmap_fill(c->valid, c->ngroups);
-	cow_fill_block0(c, c->hdr0, 0);
+		bitmap_fill(c->valid, c->ngroups);	/* written with the next header */
 	err = cow_vfs_write(f, c->hdr0, COW_BLOCK, 0);
 	if (!err && !zero_filled)
 		err = cow_vfs_write(f, page_address(ZERO_PAGE(0)), COW_BLOCK,
@@ -1215,7 +1217,7 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 
 		c->fpos = c->first_data_block;
 		atomic64_set(&c->nr_changed, 0);
-		cow_fill_block0(c, c->hdr0, 0);
+		cow_fill_block0(c, c->hdr0, 0, smap ? COW_SMAP_EMPTY : COW_SMAP_NONE);
 		c->fpos = fpos;
 		atomic64_set(&c->nr_changed, nr);
 	}
@@ -1373,13 +1375,15 @@ static int cow_flush_device(struct block_device *bdev)
 }
 
 /* the header block: struct cow_header, then the section map */
-static void cow_fill_block0(struct cow_store *c, u8 *blk, u32 flags)
+static void cow_fill_block0(struct cow_store *c, u8 *blk, u32 flags, enum cow_smap_fill map)
 {
 	u8 *m = blk + COW_SMAP_OFF;
 	u64 g;
 
 	memset(blk, 0, COW_BLOCK);
 	cow_fill_header(c, (struct cow_header *)blk, flags);
+	if (map == COW_SMAP_NONE)
+		return;
 	memcpy(m, COW_SMAP_MAGIC, 8);
 	{
 		__le32 group = cpu_to_le32((u32)c->group), nbits = cpu_to_le32((u32)c->ngroups);
@@ -1388,6 +1392,8 @@ static void cow_fill_block0(struct cow_store *c, u8 *blk, u32 flags)
 		memcpy(m + 12, &nbits, 4);
 	}
 	m += COW_SMAP_HDR;
+	if (map == COW_SMAP_EMPTY)
+		return;
 	for (g = find_first_bit(c->valid, c->ngroups); g < c->ngroups;
 	     g = find_next_bit(c->valid, c->ngroups, g + 1))
 		m[g / 8] |= 1 << (g % 8);
@@ -1400,7 +1406,7 @@ static int cow_write_block0(struct cow_store *c, struct page *hp, u32 flags)
 	void *a = dbd_kmap(hp);
 	int err;
 
-	cow_fill_block0(c, a, flags);
+	cow_fill_block0(c, a, flags, COW_SMAP_CURRENT);
 	dbd_kunmap(a);
 	dbd_io_init(&io);
 	dbd_bb_init(&bb, c->bdev, REQ_OP_WRITE | REQ_FUA, &io);

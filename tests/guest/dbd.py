@@ -38,6 +38,8 @@ def dbdctl(guest: Guest, args: str, timeout: float = 120) -> CommandResult:
         device = f" --device {words[-3]}" if words[0] == "setup-snapshot" else ""
         guest.check(f"{GUESTLIB} trace-mark {words[-1]}{device}")
     r = guest.run(f"{DBDCTL} {args}", timeout=timeout)
+    if r.rc == 0 and words[0] in _STARTS_SNAPSHOT:
+        guest.check(f"{GUESTLIB} trace-mark {words[-1]} --taken")
     if r.rc == 0 and makes_cow_file:
         record_cow_files(guest)
     return r

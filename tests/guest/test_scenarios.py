@@ -4,8 +4,10 @@ Every scenario runs seeded workloads (tests/guest/workloads.py) against a tracke
 guestlib's oracles through harness.oracles:
   1 snapshot stability (per-block hashes of /dev/datto0 before and after the origin is rewritten),
   2 point-in-time truth (files fsynced before setup read back from the mounted snapshot; fsck clean),
-  3 change-list completeness (every block that differs between snapshots N and N+1 is marked in COW
-    N; update-img turns image N into N+1 byte for byte; over-marking is reported as precision),
+  3 change-list completeness and precision (every block that differs between snapshots N and N+1
+    is marked in COW N; at most SPURIOUS_BOUND marked blocks neither changed nor were written,
+    discarded or zeroed by the workload below the filesystem; update-img turns image N into N+1
+    byte for byte outside the chain's COW file extents, doc/compat.md),
   4 COW structure (the clean file after dormancy: header, index, every data block = snapshot block),
   5 nothing lost (after a power cut the origin is consistent and holds every fsynced file).
 A failure names the oracle, the first wrong block and the seed (`--seed N` reruns the same workload).

@@ -39,3 +39,21 @@ def test_discarded_unchanged_blocks_are_not_spurious(tmp_path: Path) -> None:
     assert result.ok, result.message
     assert (result.details["discarded"], result.details["spurious"]) == (2, 2)
     assert not oracles.change_list_complete(digests, digests, path, discarded=traced, max_spurious=1).ok
+
+
+def test_traced_change_list_finds_missed_and_spurious_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "cow"
+    cow.build_cow_file(path, 64 * 8, mode="incremental", changes=[3, 4, 5, 40], seqid=1)
+    traced = [(2, 4), (50, 2)]  # blocks 2-5 and 50-51 written below the filesystem
+    result = oracles.change_list_traced(path, traced, max_spurious=1)
+    assert not result.ok
+    assert result.details["missed"] == 3 and result.details["missed_blocks"] == [2, 50, 51]
+    exempt = [(2 * 4096, 4096), (50 * 4096, 8192)]  # inside a COW file: not the workload's to mark
+    result = oracles.change_list_traced(path, traced, exempt=exempt, max_spurious=1)
+    assert result.ok, result.message
+    assert result.details["spurious"] == 1  # block 40
+    assert not oracles.change_list_traced(path, traced, exempt=exempt, max_spurious=0).ok
+
+
+def test_subtract_runs() -> None:
+    assert oracles._subtract([(0, 10), (20, 5)], [(2, 3), (8, 14)]) == [(0, 2), (5, 3), (22, 3)]
