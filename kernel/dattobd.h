@@ -224,7 +224,6 @@ int dbd_hook_add(struct dbd_tracer *tr);
 void dbd_hook_del(struct dbd_tracer *tr);
 void dbd_hook_set_mode(struct dbd_tracer *tr, int mode);
 dbd_qc_t dbd_submit_bio(struct bio *bio);
-void dbd_tracked_submit(struct bio *bio);
 void dbd_hook_sync(void);
 void dbd_snap_write_blocks(struct dbd_tracer *tr, sector_t sect, unsigned int nr_sects,
 			   u64 *b0, u64 *b1);

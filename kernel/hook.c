@@ -158,12 +158,6 @@ pass:
 	return dbd_forward(bio);
 }
 
-/* write issued by this module that must still go through copy-on-write */
-void dbd_tracked_submit(struct bio *bio)
-{
-	dbd_handle(bio);
-}
-
 /* redirect target of the ftrace hook: same prototype as submit_bio_noacct */
 dbd_qc_t notrace dbd_submit_bio(struct bio *bio)
 {
