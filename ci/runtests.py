@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             str(args.workers),
                             f"--junit={artifacts / 'junit-guest.xml'}",
                             # the long tests are all deep: with --kernel all they run on the
-                            # default kernel only, which issue 6 wants tested in full
+                            # default kernel only, where they run in full
                             *(["--", "--long"] if args.long else []),
                         ],
                     ),

@@ -55,8 +55,24 @@ def add(cow: str, chain: str = CHAIN) -> Extents:
     key = device_key(os.stat(cow).st_dev)
     everything = _load_all(chain)
     everything[key] = merge(everything.get(key, []) + found)
-    Path(chain).write_text(json.dumps(everything))
+    _replace(chain, json.dumps(everything))
     return found
+
+
+def _replace(chain: str, text: str) -> None:
+    """Write ``chain`` anew so that a power cut leaves the old or the new version, never an empty
+    file (the power-cut scenarios cut the guest right after a recording)."""
+    tmp = f"{chain}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, chain)
+    dfd = os.open(os.path.dirname(chain) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def extents_for(st_dev: int, chain: str = CHAIN) -> Extents:

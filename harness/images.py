@@ -158,5 +158,6 @@ def prepare_run(
         append_extra=append_extra,
         batch_cmd=batch_cmd,
         no_reboot=no_reboot,
+        kernel_release=image.kernel_release,
     )
     return rundir, cfg, guest_disks

@@ -1,4 +1,4 @@
-"""INSTALL.md's DKMS install, run as written, then the installed module in a guest (issue 10).
+"""INSTALL.md's DKMS install, run as written, then the installed module in a guest.
 
 The block marked `<!-- runnable: dkms -->` in INSTALL.md is split in two:
 

@@ -1,4 +1,4 @@
-"""Every document's runnable shell blocks, run in one guest (issue 10).
+"""Every document's runnable shell blocks, run in one guest.
 
 harness/docblocks.py extracts the blocks marked `<!-- runnable -->` from README.md, INSTALL.md and
 doc/*.md and defines the environments the documents declare. The guest gets what INSTALL.md

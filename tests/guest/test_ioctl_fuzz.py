@@ -1,4 +1,4 @@
-"""Bad-input fuzzing of the kernel interface (issue 7): guestlib.ioctlfuzz and corrupt COW files.
+"""Bad-input fuzzing of the kernel interface: guestlib.ioctlfuzz and corrupt COW files.
 
 Every ioctl with random and boundary arguments (minors, sizes, NULL/unmapped/unterminated string
 and struct pointers, over-long paths, paths to every file type and to other filesystems), while

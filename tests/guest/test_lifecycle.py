@@ -1,4 +1,4 @@
-"""Tracer lifecycle across unmount/mount, read-only remounts and reboots (issue 5).
+"""Tracer lifecycle across unmount/mount, read-only remounts and reboots.
 
 Spec: ../shared/spec/dattobd-0.12-interfaces.md section 3 (dormant and unverified states, mount
 events), 4.4 (the COW file's CLEAN/INDEX_ONLY header at dormancy and reload), 7 (reload at boot)

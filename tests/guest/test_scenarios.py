@@ -1,4 +1,4 @@
-"""Oracle scenarios (issue 6): backups taken under real workloads are exactly right.
+"""Oracle scenarios: backups taken under real workloads are exactly right.
 
 Every scenario runs seeded workloads (tests/guest/workloads.py) against a tracked volume and checks
 guestlib's oracles through harness.oracles:

@@ -33,6 +33,31 @@ def test_add_keeps_each_device_apart(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert cowchain.extents_for(st_dev, chain) == []
 
 
+def test_a_recording_cut_short_leaves_the_old_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A power cut right after a recording must not leave an empty chain file: the new version
+    replaces the old one whole, after it is on disk."""
+    chain = str(tmp_path / "chain.json")
+    cow = tmp_path / "cow"
+    cow.write_bytes(b"x")
+    extents = iter([[(0, 4096)], [(65536, 4096)]])
+    monkeypatch.setattr(agent, "fiemap_extents", lambda path, allow_unwritten=False: next(extents))
+    cowchain.add(str(cow), chain)
+    before = Path(chain).read_text()
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync_then_cut(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(fd)
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(os, "fsync", fsync_then_cut)
+    with pytest.raises(KeyboardInterrupt):
+        cowchain.add(str(cow), chain)
+    assert synced, "the new chain was never fsynced"
+    assert Path(chain).read_text() == before
+
+
 def test_exempt_for_adds_the_files_in_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     chain = str(tmp_path / "chain.json")
     live = tmp_path / "live-cow"

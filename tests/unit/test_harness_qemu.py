@@ -45,6 +45,12 @@ def test_command_line_tcg(tmp_path: Path) -> None:
     assert _opt(argv, "-m") == ["1024"] and _opt(argv, "-smp") == ["2"]
     # one vCPU under TCG: a second possible (never online) one keeps the guest's barriers
     assert _opt(build_command(_cfg(tmp_path, smp=1)), "-smp") == ["1,maxcpus=2"]
+    # kernels that leave stale breakpoints under multi-threaded TCG get one thread for all vCPUs
+    assert _opt(build_command(_cfg(tmp_path, kernel_release="7.2.13+deb14-amd64")), "-accel") == [
+        "tcg,thread=single"
+    ]
+    assert _opt(build_command(_cfg(tmp_path, kernel_release="6.12.117+deb13-amd64")), "-accel") == ["tcg"]
+    assert _opt(build_command(_cfg(tmp_path, kernel_release="7.2.0", accel="kvm")), "-accel") == ["kvm"]
     assert _opt(argv, "-kernel") == ["/img/vmlinux"] and _opt(argv, "-initrd") == ["/img/initrd"]
     assert _opt(argv, "-monitor") == ["none"] and "-nographic" not in argv
     assert _opt(argv, "-serial") == ["chardev:con0"] and "signal=off" in _opt(argv, "-chardev")[0]
