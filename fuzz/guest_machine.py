@@ -71,6 +71,7 @@ from hypothesis.stateful import (
 )
 
 from fuzz.model import ZEROES, Content, DeviceModel, Mode
+from harness.oracles import SPURIOUS_BOUND
 
 ARENA_BLOCKS = 48
 MINOR = 0
@@ -80,6 +81,7 @@ DISK_MIB = 256  # the data disk of tests/guest/test_consistency_fuzz.py and the 
 REPO = Path(__file__).resolve().parent.parent
 REGRESSIONS_DIR = REPO / "tests" / "regressions"
 IMAGE = "/var/tmp/dbd-fuzz.img"  # the backup image: on the guest's root disk, not the tracked volume
+CHAIN = "/var/tmp/dbd-cow-chain.json"  # guestlib.cowchain.CHAIN: the COW files whose extents are exempt
 # State values of the info ioctl (spec §2.1): active snapshot, active incremental; unverified ones.
 STATE_OF_MODE = {Mode.SNAPSHOT: 3, Mode.INCREMENTAL: 2}
 UNVERIFIED_STATE_OF_MODE = {Mode.SNAPSHOT: 5, Mode.INCREMENTAL: 4}
@@ -200,6 +202,8 @@ class Env:
     steps: int = 0
     boots: int = 0
     small_caches: int = 0  # setups and reconfigures with room for at most one index section
+    precision_checks: int = 0  # closed COW files checked over the whole device (change_list_traced)
+    most_spurious: int = 0  # the most marked blocks one of them had beyond what was traced
 
     @property
     def guest(self) -> RebootableGuest:
@@ -232,6 +236,9 @@ class ConsistencyMachine(RuleBasedStateMachine):
         self.image_seqid: int | None = None  # the backup image equals the snapshot of this seqid
         self.may_boot = False  # drawn per example by reset (Env.boot_one_in)
         self.booted = False  # at most one boot per example
+        # The current period began at a marker in this boot's block trace (guestlib.discards), so
+        # the precision oracle can judge its change list over the whole device.
+        self.period_traced = False
         self.e.trace = []
         self.e.examples += 1
 
@@ -272,7 +279,7 @@ class ConsistencyMachine(RuleBasedStateMachine):
             self._ctl("destroy", MINOR)
         self.c.check_sh(
             f"mountpoint -q {e.mountpoint} || mount {e.device} {e.mountpoint}; "
-            f"rm -f {e.mountpoint}/cow-* {IMAGE}; rm -rf {e.mountpoint}/files; sync"
+            f"rm -f {e.mountpoint}/cow-* {IMAGE} {CHAIN}; rm -rf {e.mountpoint}/files; sync"
         )
         self.c.call(
             "write", blocks=list(range(ARENA_BLOCKS)), tokens=[f"init:{i}" for i in range(ARENA_BLOCKS)]
@@ -357,7 +364,11 @@ class ConsistencyMachine(RuleBasedStateMachine):
         self._step("setup_snapshot", cache_bytes=cache_bytes, backup=backup)
         self._count_cache(cache_bytes)
         self.cow = self._cow_path()
+        self.c.call("trace_mark", taken=False)
         rc = self._ctl("setup_snapshot", self.e.device, self.cow, MINOR, COW_MIB, cache_bytes)
+        if rc == 0:
+            self.c.call("trace_mark", taken=True)
+            self.period_traced = True
         assert rc == 0, f"setup-snapshot failed with errno {rc} ({errno.errorcode.get(rc)})"
         self.m.setup_snapshot()
         if backup:
@@ -376,8 +387,12 @@ class ConsistencyMachine(RuleBasedStateMachine):
     def transition_to_snapshot(self, delete_old: bool) -> None:
         self._step("transition_to_snapshot", delete_old=delete_old)
         old, self.cow = self.cow, self._cow_path()
+        traced, self.period_traced = self.period_traced, False
+        self.c.call("trace_mark", taken=False)
         rc = self._ctl("transition_to_snapshot", self.cow, MINOR, COW_MIB)
         assert rc == 0, f"transition-to-snapshot failed with errno {rc}"
+        self.c.call("trace_mark", taken=True)
+        self.period_traced = True
         period = self.m.transition_to_snapshot()
         got = self.c.call("cow_index", path=old, device_sectors=self.e.device_sectors)
         want = sorted(period.changed)
@@ -387,6 +402,11 @@ class ConsistencyMachine(RuleBasedStateMachine):
         assert not extra, f"closed COW file {old} marks arena blocks nobody wrote: {extra}"
         assert got["seqid"] == period.seqid, f"{old}: seqid {got['seqid']}, expected {period.seqid}"
         assert got["nr_changed"] >= len(want), f"{old}: nr_changed_blocks {got['nr_changed']} < {len(want)}"
+        if traced:  # the whole device: the arena check above is exact, this bounds everything else
+            precision = self.c.call("change_list_traced", cow=old, max_spurious=SPURIOUS_BOUND)
+            assert precision["ok"], f"closed COW file {old}: {precision['message']}"
+            self.e.precision_checks += 1
+            self.e.most_spurious = max(self.e.most_spurious, precision["details"]["spurious"])
         if self.image_seqid == period.seqid:
             assert old is not None
             self._update_image(old)
@@ -444,6 +464,7 @@ class ConsistencyMachine(RuleBasedStateMachine):
     def expand_cow_file(self, mib: int) -> None:
         self._step("expand_cow_file", mib=mib)
         assert self._ctl("expand_cow_file", MINOR, mib) == 0
+        self.c.call("chain_record")  # the expansion's own writes lie in the file's new extents
 
     @rule(
         op=st.sampled_from(
@@ -492,6 +513,7 @@ class ConsistencyMachine(RuleBasedStateMachine):
         file's header is dirty after a power cut, spec §4.4, §7)."""
         e, mode = self.e, self.m.mode
         self.booted = True
+        self.period_traced = False  # the boot ends the trace
         watcher = getattr(e.guest, "watcher", None)  # harness.guest.Guest's console watcher
         expected = watcher.expect(EARLY_BOOT_LOCKUP) if watcher is not None else None
         try:

@@ -190,6 +190,12 @@ class FakeDriver:
         if op == "digests":
             assert req["path"] == gm.IMAGE
             return [gm.token_digest(self.image.get(i, "")) for i in range(gm.ARENA_BLOCKS)]
+        if op in ("trace_mark", "chain_record"):
+            return None
+        if op == "change_list_traced":  # the whole device, from the block trace
+            if self.bug == "spurious-marks":
+                return {"ok": False, "message": f"4866 blocks of {req['cow']} are marked but not written"}
+            return {"ok": True, "message": "", "details": {"spurious": 0}}
         if op == "sh":
             cmd = req["cmd"]
             if cmd.startswith("umount"):
@@ -282,6 +288,8 @@ REPLAYED_BUGS = {
     "reload-forgets-changes-no-boot": [SETUP, TO_INC, WRITE, ("destroy_dormant_and_reload", {}), TO_SNAP],
     # the dirty COW file left by a power cut is accepted by the reload
     "power-cut-reload-accepted": [SETUP, TO_INC, WRITE, ("power_cut", {})],
+    # marks thousands of blocks outside the arena that nobody wrote (a COW file's zero-fill, say)
+    "spurious-marks": [SETUP, TO_INC, WRITE, TO_SNAP],
 }
 
 

@@ -69,10 +69,10 @@ from guestlib import (
     ioctlfuzz,
     logwrites,
     oracles,
+    period,
     signed,
 )
 from pydbd import cow as cowfmt
-from pydbd import cowview
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -184,7 +184,7 @@ def _cmd_change_list(a: argparse.Namespace) -> int:
         blockhash.load_digests(a.hash_n1),
         a.cow,
         exempt=exempt,
-        discarded=[run for part in _written_below(a.cow) for run in part] if a.discards else (),
+        discarded=[run for part in period.written_below(a.cow) for run in part] if a.discards else (),
         max_spurious=a.max_spurious,
     )
     return _emit(result.to_json())
@@ -193,47 +193,11 @@ def _cmd_change_list(a: argparse.Namespace) -> int:
 def _cmd_change_list_traced(a: argparse.Namespace) -> int:
     result = oracles.change_list_traced(
         a.cow,
-        *_written_below(a.cow),
+        *period.written_below(a.cow),
         exempt=cowchain.exempt_for(a.cow, a.chain),
         max_spurious=a.max_spurious,
     )
     return _emit(result.to_json())
-
-
-def _device_of(path: str) -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return cowview.device_of(fd, path)
-    finally:
-        os.close(fd)
-
-
-def _written_below(cow: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """What the workload wrote, discarded or zeroed below the filesystem in the period of ``cow``
-    (traced by guestlib.discards), as (the blocks every change list must mark, the blocks that
-    may explain a marked one besides). The period is cut by the markers of its device: it starts
-    where its snapshot was taken (or its COW file's creation began: explains only) and ends where
-    the next snapshot's COW file's creation began; after that only what lies outside the new COW
-    file explains (the rest is its creation: a preallocation is no change; the previous change
-    list, written for update-img after the freeze, is the next period's)."""
-    device = _device_of(cow)
-    st_dev = os.stat(cow).st_dev
-    live = sorted(cowchain.live_extents(st_dev))
-    start, taken = discards.mark_for(st_dev), discards.mark_for(st_dev, taken=True)
-    segs = discards.segments(device, "WDN", (start, taken))
-    starts = [i for i, (mark, _) in enumerate(segs) if mark == start]
-    if not starts:  # no marker: the whole trace counts
-        return [run for _, runs in segs for run in runs], []
-    first, last = (starts[-2] if len(starts) > 1 else 0), starts[-1]
-    taken_at = next((i for i in range(first + 1, last) if segs[i][0] == taken), first)
-
-    def runs_of(lo: int, hi: int) -> list[tuple[int, int]]:
-        return [run for _, runs in segs[lo:hi] for run in runs]
-
-    newest = [
-        (b, 1) for f, n in runs_of(last, len(segs)) for b in range(f, f + n) if not oracles.touches(b, live)
-    ]
-    return runs_of(taken_at, last), runs_of(first, taken_at) + newest
 
 
 def _cmd_update_img(a: argparse.Namespace) -> int:

@@ -269,6 +269,32 @@ class Agent:
             return {"marked": marked, "seqid": h.seqid, "uuid": h.uuid.hex(), "flags": h.flags,
                     "nr_changed": h.nr_changed_blocks, "version": h.version}  # fmt: skip
 
+    def op_trace_mark(self, taken: bool) -> None:
+        """A marker of the tracked device in the block trace (started here if it is not running):
+        its next COW file's creation begins, or (``taken``) its snapshot exists, whose COW files
+        are then recorded in the chain (guestlib.discards, guestlib.cowchain)."""
+        from guestlib import cowchain, discards
+
+        discards.start()
+        discards.mark(discards.mark_for(os.stat(self.device).st_rdev, taken=taken))
+        if taken:
+            cowchain.record_live()
+
+    def op_chain_record(self) -> None:
+        """Record the COW files in use (after an expansion: its new extents)."""
+        from guestlib import cowchain
+
+        cowchain.record_live()
+
+    def op_change_list_traced(self, cow: str, max_spurious: int) -> dict[str, Any]:
+        """The precision oracle on a closed COW file over the whole device: every block written
+        below the filesystem in its period is marked, at most ``max_spurious`` others."""
+        from guestlib import cowchain, oracles, period
+
+        exempt = cowchain.exempt_for(cow)
+        return oracles.change_list_traced(cow, *period.written_below(cow), exempt=exempt,
+                                          max_spurious=max_spurious).to_json()  # fmt: skip
+
     def op_sh(self, cmd: str) -> dict[str, Any]:
         import subprocess
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fuzz.guest_machine import DISK_MIB, CampaignResult, prepare, run_campaign
+from fuzz.guest_machine import DISK_MIB, CampaignResult, prepare, replay, run_campaign
 from harness import artifacts
 from harness.guest import Guest
 from harness.pytest_plugin import Volume
@@ -29,6 +29,16 @@ RANDOM = os.environ.get("DBD_FUZZ_RANDOM") == "1"
 # derandomized CI round as long as the 20 steps it had before the backup/update-img checks.
 STEPS_PER_EXAMPLE = int(os.environ.get("DBD_FUZZ_STEPS") or ("20" if RANDOM else "15"))
 BOOT_ONE_IN = int(os.environ.get("DBD_FUZZ_BOOT_ONE_IN") or ("6" if RANDOM else "0"))
+
+
+# setup-snapshot, transition-to-incremental, file activity and raw writes, transition-to-snapshot
+ROUND = [
+    ("setup_snapshot", {"cache_bytes": 0, "backup": False}),
+    ("transition_to_incremental", {}),
+    ("file_activity", {"seed": 7, "count": 6, "fsync": True}),
+    ("write", {"first": 3, "count": 5}),
+    ("transition_to_snapshot", {"delete_old": True}),
+]
 
 
 def _database(target: str) -> Path | None:
@@ -64,10 +74,14 @@ def test_consistency_state_machine(
         rounds += 1
         if time.monotonic() >= deadline:
             break
+    # One backup round that always reaches a closed change list, whatever the examples drew: the
+    # whole-device precision bound must have judged at least one.
+    replay(env, ROUND)
     result = CampaignResult(env.examples, env.steps, time.monotonic() - start)
     print(
         f"\n{target}: {result.line()}, {rounds} round(s), {env.client.calls} agent calls, "
-        f"{env.boots} boot(s), {env.small_caches} tiny index cache(s)"
+        f"{env.boots} boot(s), {env.small_caches} tiny index cache(s), {env.precision_checks} change "
+        f"list(s) bounded over the whole device (at most {env.most_spurious} spurious blocks)"
     )
     request.node.user_properties.extend(
         [
@@ -79,3 +93,4 @@ def test_consistency_state_machine(
         ]
     )
     assert env.examples >= examples and env.steps > env.examples, "the machine ran no steps"
+    assert env.precision_checks >= 1, "no change list was bounded over the whole device"
