@@ -1485,6 +1485,8 @@ int cow_handover(struct cow_store *c, unsigned long *changed, struct file *f)
 			memcpy(buf, c->sections[s], COW_SECT_BYTES);
 		else if (test_bit(s, c->on_disk))
 			err = cow_section_read(c, s, buf);
+		else if (!changed || find_next_bit(changed, end, first) >= end)
+			continue;	/* nothing to write: a hole; no scan of the whole volume's index */
 		else
 			memset(buf, 0, COW_SECT_BYTES);
 		if (err)

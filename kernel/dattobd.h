@@ -146,6 +146,7 @@ struct dbd_tracer {
 	atomic_t open_count;
 
 	struct task_struct *worker;
+	bool worker_cow;		/* the worker preserves (snapshot): it has the rounds' pages */
 	struct mutex wlock;		/* held by the worker while it processes a batch */
 	spinlock_t qlock;
 	struct bio_list writes;

@@ -826,10 +826,14 @@ static struct dbd_wctx *dbd_wctx_alloc(struct dbd_tracer *tr)
 static int dbd_worker(void *data)
 {
 	struct dbd_tracer *tr = data;
-	struct dbd_wctx *x = dbd_wctx_alloc(tr);
+	struct dbd_wctx *x = NULL;
 
-	if (!x)
-		dbd_tracer_fail(tr, -ENOMEM);
+	/* the rounds' pages (8 MiB) are for COW work: an incremental worker needs none */
+	if (READ_ONCE(tr->worker_cow)) {
+		x = dbd_wctx_alloc(tr);
+		if (!x)
+			dbd_tracer_fail(tr, -ENOMEM);
+	}
 
 	for (;;) {
 		struct bio_list w, r;
@@ -858,6 +862,9 @@ static int dbd_worker(void *data)
 				dbd_process_writes(tr, &w, x);
 				break;
 			}
+			/* snapshot mode only ever runs a COW worker (transitions restart it) */
+			if (WARN_ON_ONCE(!x && !dbd_tracer_error(tr)))
+				dbd_tracer_fail(tr, -EINVAL);
 			fallthrough;
 		case DBD_HOOK_PASS:
 			while ((bio = bio_list_pop(&w)))
@@ -885,6 +892,7 @@ int dbd_start_worker(struct dbd_tracer *tr, bool snap)
 {
 	struct task_struct *t;
 
+	WRITE_ONCE(tr->worker_cow, snap);
 	if (snap)
 		t = kthread_run(dbd_worker, tr, "datto_snap_cow%u", tr->minor);
 	else
