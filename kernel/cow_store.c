@@ -795,10 +795,17 @@ u64 cow_tracked_blocks(sector_t nr_sects)
 	return whole + ((nr_sects % COW_BLOCK_SECTS) && whole < room ? 1 : 0);
 }
 
-/* a bitmap of @bits bits, zeroed, that may be large (one bit per block or data slot) */
-static unsigned long *bitmap_zalloc_node_kv(u64 bits)
+/*
+ * A bitmap of @bits bits, zeroed, that may be large (one bit per block or
+ * data slot).  Beyond a few pages it is vmalloc'ed: kmalloc would round a
+ * request just past a power of two up to the next one, and a 64 GiB
+ * volume's bitmap plus a word came out twice its size.
+ */
+unsigned long *cow_bitmap_alloc(u64 bits)
 {
-	return kvzalloc(max_t(u64, BITS_TO_LONGS(bits), 1) * sizeof(unsigned long), GFP_KERNEL);
+	size_t bytes = max_t(u64, BITS_TO_LONGS(bits), 1) * sizeof(unsigned long);
+
+	return bytes > 4 * PAGE_SIZE ? vzalloc(bytes) : kzalloc(bytes, GFP_KERNEL);
 }
 
 static struct cow_store *cow_alloc(struct block_device *bdev, sector_t nr_sects)
@@ -820,13 +827,13 @@ static struct cow_store *cow_alloc(struct block_device *bdev, sector_t nr_sects)
 	c->version = 1;
 	atomic64_set(&c->nr_changed, 0);
 	c->sections = kvcalloc(c->nsect, sizeof(u64 *), GFP_KERNEL);
-	c->mapped = bitmap_zalloc_node_kv(c->ntrack);
-	c->on_disk = bitmap_zalloc_node_kv(c->nsect);
-	c->dirty = bitmap_zalloc_node_kv(c->nsect);
+	c->mapped = cow_bitmap_alloc(c->ntrack);
+	c->on_disk = cow_bitmap_alloc(c->nsect);
+	c->dirty = cow_bitmap_alloc(c->nsect);
 	c->hits = kvcalloc(c->nsect, sizeof(u32), GFP_KERNEL);
 	c->group = cow_smap_group(c->nsect);
 	c->ngroups = DIV_ROUND_UP(c->nsect, c->group);
-	c->valid = bitmap_zalloc_node_kv(c->ngroups);
+	c->valid = cow_bitmap_alloc(c->ngroups);
 	c->max_resident = U64_MAX;	/* until cow_set_cache() */
 	c->hdr0 = kzalloc(COW_BLOCK, GFP_KERNEL);
 	if (!c->sections || !c->mapped || !c->on_disk || !c->dirty || !c->hits || !c->valid ||
@@ -1227,7 +1234,7 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 	if (err)
 		goto fail;
 	if (snap) {
-		used = bitmap_zalloc_node_kv(c->fpos - c->first_data_block);
+		used = cow_bitmap_alloc(c->fpos - c->first_data_block);
 		if (!used) {
 			err = -ENOMEM;
 			goto fail;

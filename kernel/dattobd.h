@@ -273,6 +273,7 @@ int cow_write_header(struct cow_store *c, u32 flags);
 int cow_write_slots(struct cow_store *c, struct page **pages, unsigned int n, u64 fpos);
 void cow_truncate_to_index(struct cow_store *c, struct file *f);
 u64 cow_tracked_blocks(sector_t nr_sects);
+unsigned long *cow_bitmap_alloc(u64 bits);
 void cow_free(struct cow_store *c);
 int cow_expand(struct dbd_tracer *tr, struct cow_store *c, struct file *f, u64 bytes);
 bool cow_dev_region(struct cow_store *c, sector_t s, u64 *fsect);

@@ -77,6 +77,7 @@ void dbd_mark_changed(struct dbd_tracer *tr, u64 b0, u64 b1)
 
 	if (!map || b0 >= tr->nblocks)
 		return;
+	b1 = min(b1, tr->nblocks - 1);	/* an untracked partial tail block has no bit */
 	for (b = b0; b <= b1; b++) {
 		if (!test_and_set_bit(b, map) && c && c->version >= 1 && !cow_mapped(c, b))
 			atomic64_inc(&c->nr_changed);

@@ -1070,7 +1070,7 @@ int dbd_reload(unsigned int minor, const char *bdev_path, const char *cow_path,
 		err = dbd_start_worker(tr, true);
 		tr->hook_mode = DBD_HOOK_PRE;
 	} else {
-		tr->changed = kvcalloc(BITS_TO_LONGS(tr->nblocks + 1), sizeof(long), GFP_KERNEL);
+		tr->changed = cow_bitmap_alloc(tr->nblocks);
 		err = tr->changed ? dbd_start_worker(tr, false) : -ENOMEM;
 		tr->hook_mode = DBD_HOOK_INC;
 	}
@@ -1146,7 +1146,7 @@ int dbd_transition_inc(unsigned int minor)
 		return err;
 	if (dbd_tracer_error(tr) || tr->state != (DBD_STATE_SNAPSHOT | DBD_STATE_ACTIVE))
 		return -EINVAL;
-	map = kvcalloc(BITS_TO_LONGS(tr->nblocks + 1), sizeof(long), GFP_KERNEL);
+	map = cow_bitmap_alloc(tr->nblocks);
 	if (!map)
 		return -ENOMEM;
 	err = dbd_freeze(tr->bdev, &fz);
