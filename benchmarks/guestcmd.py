@@ -3,7 +3,9 @@ guest printed, instead of a bare exit status."""
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from harness.errors import GuestError
@@ -23,6 +25,15 @@ def run(g: Guest, cmd: str, timeout: float = 120.0) -> CommandResult:
             f"\n--- stderr ---\n{r.stderr}"
         )
     return r
+
+
+def finish_run(results: dict[str, Any], json_path: Path | None, failed: bool) -> int:
+    """Record the host's load after the run, write the results (--json) and return the exit status."""
+    results["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results written to {json_path}")
+    return 1 if failed else 0
 
 
 def boot_and_describe(g: Guest, results: dict[str, Any]) -> None:

@@ -227,65 +227,39 @@ def render_write_overhead(cows: dict[str, dict[str, Any]], doc_path: Path, plot_
 
 
 def latency_row(kernel: str, sl: dict[str, Any]) -> list[str]:
-    """Slowest median of each ioctl over the volume sizes with the fixed COW size."""
-    goal = sl.get("target_ms", 200.0)
-    small = [p for p in runner.latency_points(sl, "volume") if p["falloc_arg"]]
-    if not small:
-        return [kernel, "not measured", "", "", "", ""]
+    """Slowest median of each ioctl over the volume sizes, and the COW-size target's verdict."""
+    pts = runner.latency_points(sl, "volume")
+    if not pts:
+        return [kernel, "not measured", "", "", ""]
 
-    def slowest(key: str) -> tuple[float, int]:
-        pts = [p for p in small if key in p]
-        if not pts:
-            return float("nan"), 0
-        worst = max(pts, key=lambda p: p[key]["median"])
-        return worst[key]["median"], worst["size_mib"]
+    def cell(op: str) -> str:
+        worst = max(pts, key=lambda p: p[op]["median"])
+        return f"{runner.ms(worst[op]['median'])} ({worst['size_mib']} MiB, -f {worst['falloc_arg']})"
 
-    def cell(key: str) -> str:
-        value, size = slowest(key)
-        return "-" if size == 0 else f"{runner.ms(value)} ({size} MiB)"
-
-    minus, size = slowest("setup_minus_prealloc")
-    met = "-" if size == 0 else ("yes" if minus < goal else "**no**")
-    return [
-        kernel,
-        cell("setup"),
-        cell("setup_minus_prealloc"),
-        cell("to_incremental"),
-        cell("to_snapshot"),
-        met,
-    ]
+    verdict = runner.latency_verdict(sl)[0].rsplit(": ", 1)[-1]
+    return [kernel, cell("setup"), cell("to_incremental"), cell("to_snapshot"), verdict]
 
 
 def render_latency(docs: dict[str, dict[str, Any]]) -> list[str]:
     rows = []
-    sizes: set[int] = set()
-    fixed: set[int] = set()
     for kernel, doc in docs.items():
         sl = doc.get("benchmarks", {}).get("snapshot_latency", {}).get("results")
         if sl:
             rows.append(latency_row(kernel, sl))
-            sizes |= {p["size_mib"] for p in runner.latency_points(sl, "volume")}
-            fixed.add(runner.small_f(sl))
     if not rows:
         return []
-    span = (
-        f"{min(sizes)} MiB to {max(sizes) // 1024} GiB" if max(sizes) >= 1024 else f"up to {max(sizes)} MiB"
-    )
-    f = "/".join(str(x) for x in sorted(fixed))
     header = [
         "kernel",
-        f"setup-snapshot -f {f}, ms",
-        "setup-snapshot minus the preallocation, ms",
+        "setup-snapshot, ms",
         "transition-to-incremental, ms",
         "transition-to-snapshot, ms",
-        "under 200 ms plus the preallocation",
+        "default COW size on 8 GiB: within 1.5x of -f 32 and under 150 ms",
     ]
     return [
         "## Snapshot creation latency across the kernels",
         "",
-        f"Slowest median over the volume sizes ({span}, size in brackets), with a fixed COW size "
-        f"(`-f {f}`); the preallocation is the same fallocate, zero-fill and fsync done from user "
-        "space in the same cycle. Each kernel's page has every size, the default COW size and the "
+        "Slowest median over the volume sizes and both COW sizes (a fixed `-f` and the default 10 %), "
+        "nothing subtracted (volume and `-f` in brackets). Each kernel's page has every point and the "
         "dirty page cache series.",
         "",
         md_table(header, rows),
@@ -373,6 +347,17 @@ def render_overview(docs: dict[str, dict[str, Any]], doc_path: Path, plot_dir: P
         missing = ", ".join(k for k in docs if k not in cows)
         md += [f"Write overhead not measured on: {missing} (see Failed above).", ""] if missing else []
     md += render_latency(docs)
+    memory = [(k, runner.memory_lines(sl)) for k, d in docs.items()
+              if (sl := d.get("benchmarks", {}).get("snapshot_latency", {}).get("results"))]  # fmt: skip
+    md += [line for k, lines in memory if lines for line in (f"{k}: {lines[0]}", "")]
+    rc = newest_with(docs, "round_cost")
+    if rc:
+        md += [
+            *runner.render_round_cost(rc[1]["results"])[:-1],
+            "",
+            f"(From the {rc[0]} run of {rc[1]['date']}.)",
+            "",
+        ]
     ui = newest_with(docs, "update_img")
     if ui:
         md += [
