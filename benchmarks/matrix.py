@@ -267,6 +267,29 @@ def render_latency(docs: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
+def render_memory(docs: dict[str, dict[str, Any]]) -> list[str]:
+    """The module's memory on each kernel's largest volume, per tracked TiB (runner.memory_lines)."""
+    rows = []
+    for kernel, doc in docs.items():
+        sl = doc.get("benchmarks", {}).get("snapshot_latency", {}).get("results") or {}
+        p = runner.largest_memory_point(sl)
+        if p:
+            rows.append([kernel, f"{p['size_mib'] // 1024} GiB", f"{p['memory_kib_snapshot']:.0f}",
+                         f"{p['memory_kib_incremental']:.0f}", f"{p['memory_mib_per_tib_snapshot']:.1f}",
+                         f"{p['memory_mib_per_tib_incremental']:.1f}"])  # fmt: skip
+    if not rows:
+        return []
+    header = ["kernel", "volume", "snapshot KiB", "incremental KiB", "per TiB, snapshot MiB",
+              "per TiB, incremental MiB"]  # fmt: skip
+    return [
+        "Module memory on the largest volume (its /proc/vmallocinfo allocations plus SUnreclaim, read "
+        "before setup-snapshot and after each ioctl; one bit per 4 KiB block is 32 MiB per TiB):",
+        "",
+        md_table(header, rows),
+        "",
+    ]
+
+
 # ---------------------------------------------------------------- the page
 
 
@@ -347,9 +370,7 @@ def render_overview(docs: dict[str, dict[str, Any]], doc_path: Path, plot_dir: P
         missing = ", ".join(k for k in docs if k not in cows)
         md += [f"Write overhead not measured on: {missing} (see Failed above).", ""] if missing else []
     md += render_latency(docs)
-    memory = [(k, runner.memory_lines(sl)) for k, d in docs.items()
-              if (sl := d.get("benchmarks", {}).get("snapshot_latency", {}).get("results"))]  # fmt: skip
-    md += [line for k, lines in memory if lines for line in (f"{k}: {lines[0]}", "")]
+    md += render_memory(docs)
     rc = newest_with(docs, "round_cost")
     if rc:
         md += [

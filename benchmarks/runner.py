@@ -867,12 +867,17 @@ def latency_verdict(sl: dict[str, Any]) -> list[str]:
     ]
 
 
+def largest_memory_point(sl: dict[str, Any]) -> dict[str, Any] | None:
+    """The point of the largest volume (default COW size first) that measured the module's memory."""
+    pts = [p for p in latency_points(sl, "volume") if "memory_kib_snapshot" in p]
+    return max(pts, key=lambda q: (q["size_mib"], q["falloc_arg"] == 0)) if pts else None
+
+
 def memory_lines(sl: dict[str, Any]) -> list[str]:
     """The module's memory per tracked TiB, from the largest volume (where the bitmaps dwarf noise)."""
-    pts = [p for p in latency_points(sl, "volume") if "memory_kib_snapshot" in p]
-    if not pts:
+    p = largest_memory_point(sl)
+    if not p:
         return []
-    p = max(pts, key=lambda q: (q["size_mib"], q["falloc_arg"] == 0))
     return [
         f"Module memory (its /proc/vmallocinfo allocations plus SUnreclaim, read before setup-snapshot "
         "and after each ioctl), on "
