@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import aptmirror
 from .apt import SuiteSources
 
 MATRIX_FILE = Path(__file__).with_name("matrix.toml")
@@ -87,8 +88,10 @@ def _str(table: dict[str, Any], key: str, where: str) -> str:
 
 def parse(text: str) -> Matrix:
     data = tomllib.loads(text)
-    mirror = data.get("mirror", "http://deb.debian.org/debian")
-    security = data.get("security_mirror", "http://deb.debian.org/debian-security")
+    mirror, security = data.get("mirror"), data.get("security_mirror")
+    if not mirror or not security:
+        machine, machine_security = aptmirror.machine_mirrors()
+        mirror, security = mirror or machine, security or machine_security
     suites: dict[str, SuiteSources] = {}
     for name, t in data.get("suites", {}).items():
         suites[name] = SuiteSources(
