@@ -71,6 +71,7 @@ from hypothesis.stateful import (
 )
 
 from fuzz.model import ZEROES, Content, DeviceModel, Mode
+from guestlib.cowchain import CHAIN  # the COW files whose extents the oracles exempt
 from harness.oracles import SPURIOUS_BOUND
 
 ARENA_BLOCKS = 48
@@ -81,7 +82,6 @@ DISK_MIB = 256  # the data disk of tests/guest/test_consistency_fuzz.py and the 
 REPO = Path(__file__).resolve().parent.parent
 REGRESSIONS_DIR = REPO / "tests" / "regressions"
 IMAGE = "/var/tmp/dbd-fuzz.img"  # the backup image: on the guest's root disk, not the tracked volume
-CHAIN = "/var/tmp/dbd-cow-chain.json"  # guestlib.cowchain.CHAIN: the COW files whose extents are exempt
 # State values of the info ioctl (spec §2.1): active snapshot, active incremental; unverified ones.
 STATE_OF_MODE = {Mode.SNAPSHOT: 3, Mode.INCREMENTAL: 2}
 UNVERIFIED_STATE_OF_MODE = {Mode.SNAPSHOT: 5, Mode.INCREMENTAL: 4}

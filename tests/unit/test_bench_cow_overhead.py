@@ -323,7 +323,7 @@ def test_render_old_results_without_new_fields(tmp_path: Path) -> None:
     md = render(results_doc(new_fields=False), tmp_path)
     assert "CPU ratio" not in md and "Guest CPU" not in md
     assert "seqwrite 1M over 64 MiB (direct I/O, 1 process)" in md
-    assert "(6.1.0-test, 1 vCPU, fio-3.33)" in md  # no -smp recorded before session 18
+    assert "(6.1.0-test, 1 vCPU, fio-3.33)" in md  # a results file from before -smp was recorded
     assert "| snapshot first write | randwrite 4k |" in md
     assert "| snapshot rewrite >= 0.9 | randwrite 4k | 0.97 | yes" in md
 
