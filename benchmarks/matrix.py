@@ -283,7 +283,8 @@ def render_memory(docs: dict[str, dict[str, Any]]) -> list[str]:
               "per TiB, incremental MiB"]  # fmt: skip
     return [
         "Module memory on the largest volume (its /proc/vmallocinfo allocations plus SUnreclaim, read "
-        "before setup-snapshot and after each ioctl; one bit per 4 KiB block is 32 MiB per TiB):",
+        "before setup-snapshot and after each ioctl; a flat bitmap, one bit per 4 KiB block, would be "
+        "32 MiB per TiB):",
         "",
         md_table(header, rows),
         "",

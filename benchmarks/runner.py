@@ -884,7 +884,7 @@ def memory_lines(sl: dict[str, Any]) -> list[str]:
         f"the {p['size_mib'] // 1024} GiB volume: {p['memory_kib_snapshot']:.0f} KiB in snapshot mode, "
         f"{p['memory_kib_incremental']:.0f} KiB in incremental mode; per tracked TiB "
         f"{p['memory_mib_per_tib_snapshot']:.1f} MiB and {p['memory_mib_per_tib_incremental']:.1f} MiB "
-        "(one bit per 4 KiB block is 32 MiB per TiB).",
+        "(a flat bitmap, one bit per 4 KiB block, would be 32 MiB per TiB).",
         "",
     ]
 

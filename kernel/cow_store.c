@@ -200,7 +200,7 @@ static int cow_submit_unlock_wait(struct cow_store *c, struct dbd_bb *bb, struct
 /* is block @b preserved (snapshot) or recorded (incremental)?  Lockless, any context */
 bool cow_mapped(struct cow_store *c, u64 b)
 {
-	return b < c->ntrack && test_bit(b, c->mapped);
+	return b < c->ntrack && dbd_blkmap_test(c->mapped, b);
 }
 
 /* entry @b if its section is in memory, else 0 (PENDING entries always are) */
@@ -359,15 +359,27 @@ int cow_entry_set(struct cow_store *c, u64 b, u64 v)
 			c->nresident++;
 		}
 	}
+	/*
+	 * @b's bit gets its leaf before the entry changes, so that the final
+	 * value (set in dbd_round_finish, which cannot fail) needs no memory.
+	 */
+	if (v) {
+		unsigned int noio = memalloc_noio_save();
+
+		err = dbd_blkmap_reserve(c->mapped, b, GFP_KERNEL);
+		memalloc_noio_restore(noio);
+		if (err)
+			return err;
+	}
 	sec = c->sections[s];
 	c->hits[s]++;
 	sec[b % COW_SECT_ENTRIES] = v;
 	__set_bit(s, c->dirty);
 	/* after the COW data is durable (dbd_preserve): the hook may now skip @b */
 	if (v && !(v & COW_PENDING))
-		set_bit(b, c->mapped);
+		WARN_ON_ONCE(dbd_blkmap_set(c->mapped, b, GFP_NOWAIT));	/* reserved above */
 	else
-		clear_bit(b, c->mapped);
+		dbd_blkmap_clear(c->mapped, b);
 	return 0;
 }
 
@@ -399,20 +411,25 @@ static int cow_victim_cmp(const void *a, const void *b)
 
 /*
  * Over the limit: write back and free the less-used half of the resident
- * sections (at least down to the limit), as upstream does.  Our writes to
- * the file are not reported as changed (the file's extents are outside what
- * a backup image must match), so incremental mode trims too.  Worker
- * context, or with the worker paused.
+ * sections (at least down to the limit), as upstream does.  The limit gives
+ * way to the block maps' leaves (ours and @other_bytes, the caller's), so
+ * that cache and leaves together stay within the configured cache size
+ * while the leaves alone fit in it.  Our writes to the file are not
+ * reported as changed (the file's extents are outside what a backup image
+ * must match), so incremental mode trims too.  Worker context, or with the
+ * worker paused.
  */
-int cow_cache_trim(struct cow_store *c)
+int cow_cache_trim(struct cow_store *c, u64 other_bytes)
 {
 	struct cow_victim *v;
 	struct dbd_io io;
 	struct dbd_bb bb;
 	unsigned int noio;
 	u64 limit = READ_ONCE(c->max_resident), keep, n = 0, nv, s, i;
+	u64 leaves = DIV_ROUND_UP(dbd_blkmap_leaf_bytes(c->mapped) + other_bytes, COW_SECT_BYTES);
 	int err = 0;
 
+	limit = limit > leaves ? limit - leaves : 0;
 	if (c->nresident <= limit)
 		return 0;
 	noio = memalloc_noio_save();
@@ -827,7 +844,7 @@ static struct cow_store *cow_alloc(struct block_device *bdev, sector_t nr_sects)
 	c->version = 1;
 	atomic64_set(&c->nr_changed, 0);
 	c->sections = kvcalloc(c->nsect, sizeof(u64 *), GFP_KERNEL);
-	c->mapped = cow_bitmap_alloc(c->ntrack);
+	c->mapped = dbd_blkmap_alloc(c->ntrack);
 	c->on_disk = cow_bitmap_alloc(c->nsect);
 	c->dirty = cow_bitmap_alloc(c->nsect);
 	c->hits = kvcalloc(c->nsect, sizeof(u32), GFP_KERNEL);
@@ -1264,9 +1281,11 @@ struct cow_store *cow_load(struct block_device *bdev, sector_t nr_sects, struct 
 		err = cow_check_section(c, s, buf, used, snap);
 		if (err)
 			goto fail;
-		for (i = 0; i < COW_SECT_ENTRIES && s * COW_SECT_ENTRIES + i < c->ntrack; i++)
+		for (i = 0; i < COW_SECT_ENTRIES && s * COW_SECT_ENTRIES + i < c->ntrack && !err; i++)
 			if (((u64 *)buf)[i])
-				__set_bit(s * COW_SECT_ENTRIES + i, c->mapped);
+				err = dbd_blkmap_set(c->mapped, s * COW_SECT_ENTRIES + i, GFP_KERNEL);
+		if (err)
+			goto fail;
 		cond_resched();
 		/* beyond the cache limit a section stays in the file until needed */
 		if (c->nresident >= c->max_resident) {
@@ -1324,7 +1343,7 @@ int cow_same_layout(struct cow_store *c, struct file *f)
  * bitmap in first.  Only sections changed since they were last written go
  * out (and the zeros of a group written for the first time).
  */
-int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed)
+int cow_finalize(struct cow_store *c, u32 flags, struct dbd_blkmap *changed)
 {
 	struct dbd_io io;
 	struct dbd_bb bb;
@@ -1335,15 +1354,15 @@ int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed)
 	for (s = 0; changed && s < c->nsect; s++) {
 		u64 end = min((s + 1) * COW_SECT_ENTRIES, c->ntrack);
 
-		for (b = find_next_bit(changed, end, s * COW_SECT_ENTRIES); b < end;
-		     b = find_next_bit(changed, end, b + 1)) {
+		for (b = dbd_blkmap_next(changed, s * COW_SECT_ENTRIES, end); b < end;
+		     b = dbd_blkmap_next(changed, b + 1, end)) {
 			if (cow_mapped(c, b))
 				continue;
 			err = cow_entry_set(c, b, 1);
 			if (err)
 				return err;
 		}
-		err = cow_cache_trim(c);
+		err = cow_cache_trim(c, dbd_blkmap_leaf_bytes(changed));
 		if (err)
 			return err;
 		cond_resched();
@@ -1475,7 +1494,7 @@ int cow_write_header(struct cow_store *c, u32 flags)
  * file without one, which update-img refuses.  Runs while the next snapshot
  * is live: these are ordinary writes, preserved and tracked like any other.
  */
-int cow_handover(struct cow_store *c, unsigned long *changed, struct file *f)
+int cow_handover(struct cow_store *c, struct dbd_blkmap *changed, struct file *f)
 {
 	u64 *buf = kvmalloc(COW_SECT_BYTES, GFP_KERNEL);
 	u64 s, b, nr = 0;
@@ -1492,14 +1511,14 @@ int cow_handover(struct cow_store *c, unsigned long *changed, struct file *f)
 			memcpy(buf, c->sections[s], COW_SECT_BYTES);
 		else if (test_bit(s, c->on_disk))
 			err = cow_section_read(c, s, buf);
-		else if (!changed || find_next_bit(changed, end, first) >= end)
+		else if (!changed || dbd_blkmap_next(changed, first, end) >= end)
 			continue;	/* nothing to write: a hole; no scan of the whole volume's index */
 		else
 			memset(buf, 0, COW_SECT_BYTES);
 		if (err)
 			break;
-		for (b = changed ? find_next_bit(changed, end, first) : end; b < end;
-		     b = find_next_bit(changed, end, b + 1))
+		for (b = changed ? dbd_blkmap_next(changed, first, end) : end; b < end;
+		     b = dbd_blkmap_next(changed, b + 1, end))
 			if (!buf[b - first])
 				buf[b - first] = 1;
 		for (b = first; b < end; b++)
@@ -1592,7 +1611,7 @@ void cow_free(struct cow_store *c)
 			kvfree(c->sections[s]);
 		kvfree(c->sections);
 	}
-	kvfree(c->mapped);
+	dbd_blkmap_free(c->mapped);
 	kvfree(c->on_disk);
 	kvfree(c->dirty);
 	kvfree(c->hits);

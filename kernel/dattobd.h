@@ -71,6 +71,25 @@ struct dbd_extent {
 
 struct dbd_pin;
 
+/* blkmap.c: one bit per block, leaves allocated as bits get set */
+#define DBD_BLKMAP_LEAF_BITS COW_SECT_ENTRIES
+struct dbd_blkmap {
+	u64 nbits, nleaves;
+	unsigned long **leaves;		/* NULL: all clear */
+	atomic_long_t nleaves_used;	/* allocated leaves */
+	atomic_long_t nleaves_full;	/* leaves set whole for want of memory */
+};
+struct dbd_blkmap *dbd_blkmap_alloc(u64 nbits);
+void dbd_blkmap_free(struct dbd_blkmap *m);
+bool dbd_blkmap_test(const struct dbd_blkmap *m, u64 b);
+int dbd_blkmap_set(struct dbd_blkmap *m, u64 b, gfp_t gfp);
+int dbd_blkmap_reserve(struct dbd_blkmap *m, u64 b, gfp_t gfp);
+bool dbd_blkmap_mark(struct dbd_blkmap *m, u64 b, gfp_t gfp);
+void dbd_blkmap_clear(struct dbd_blkmap *m, u64 b);
+u64 dbd_blkmap_next(const struct dbd_blkmap *m, u64 b, u64 end);
+u64 dbd_blkmap_weight_or(const struct dbd_blkmap *a, const struct dbd_blkmap *b, u64 nbits);
+u64 dbd_blkmap_leaf_bytes(const struct dbd_blkmap *m);
+
 struct cow_store {
 	struct dbd_pin *pin;		/* holds the inode while mounted read-write */
 	struct block_device *bdev;
@@ -90,7 +109,7 @@ struct cow_store {
 	 * are in memory.  The hook never looks at them; it reads @mapped.
 	 */
 	u64 **sections;		/* resident sections; NULL: all-zero, or evicted (on_disk) */
-	unsigned long *mapped;	/* entry b is non-zero and final (not PENDING): lockless */
+	struct dbd_blkmap *mapped;	/* entry b is non-zero and final (not PENDING): lockless */
 	unsigned long *on_disk;	/* section s was evicted: only the file's index holds it */
 	unsigned long *dirty;	/* section s differs from the file's index */
 	u32 *hits;		/* uses of section s since the last trim */
@@ -136,7 +155,7 @@ struct dbd_tracer {
 	u64 nblocks;		/* tracked blocks: cow_tracked_blocks() */
 
 	struct cow_store *cow;
-	unsigned long *changed;		/* incremental changed-block bitmap */
+	struct dbd_blkmap *changed;	/* incremental changed-block bitmap */
 
 	int hook_mode;
 	bool hooked;
@@ -228,7 +247,7 @@ dbd_qc_t dbd_submit_bio(struct bio *bio);
 void dbd_hook_sync(void);
 void dbd_snap_write_blocks(struct dbd_tracer *tr, sector_t sect, unsigned int nr_sects,
 			   u64 *b0, u64 *b1);
-void dbd_mark_changed(struct dbd_tracer *tr, u64 b0, u64 b1);
+void dbd_mark_changed(struct dbd_tracer *tr, u64 b0, u64 b1, gfp_t gfp);
 
 /* cow_store.c */
 struct dbd_io {
@@ -266,9 +285,9 @@ u64 cow_entry_peek(struct cow_store *c, u64 b);
 int cow_section_need(struct cow_store *c, u64 b);
 int cow_entry_set(struct cow_store *c, u64 b, u64 v);
 void cow_set_cache(struct cow_store *c, unsigned long bytes);
-int cow_cache_trim(struct cow_store *c);
-int cow_finalize(struct cow_store *c, u32 flags, unsigned long *changed);
-int cow_handover(struct cow_store *c, unsigned long *changed, struct file *f);
+int cow_cache_trim(struct cow_store *c, u64 other_bytes);
+int cow_finalize(struct cow_store *c, u32 flags, struct dbd_blkmap *changed);
+int cow_handover(struct cow_store *c, struct dbd_blkmap *changed, struct file *f);
 int cow_write_header(struct cow_store *c, u32 flags);
 int cow_write_slots(struct cow_store *c, struct page **pages, unsigned int n, u64 fpos);
 void cow_truncate_to_index(struct cow_store *c, struct file *f);

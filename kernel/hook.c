@@ -69,17 +69,21 @@ static bool dbd_all_preserved(struct dbd_tracer *tr, struct cow_store *c, u64 b0
 	return true;
 }
 
-void dbd_mark_changed(struct dbd_tracer *tr, u64 b0, u64 b1)
+/*
+ * Mark blocks @b0..@b1 changed.  @gfp: GFP_NOWAIT from the hook, which
+ * may not sleep; without memory a whole leaf is marked (dbd_blkmap_mark).
+ */
+void dbd_mark_changed(struct dbd_tracer *tr, u64 b0, u64 b1, gfp_t gfp)
 {
 	struct cow_store *c = READ_ONCE(tr->cow);
-	unsigned long *map = READ_ONCE(tr->changed);
+	struct dbd_blkmap *map = READ_ONCE(tr->changed);
 	u64 b;
 
 	if (!map || b0 >= tr->nblocks)
 		return;
 	b1 = min(b1, tr->nblocks - 1);	/* an untracked partial tail block has no bit */
 	for (b = b0; b <= b1; b++) {
-		if (!test_and_set_bit(b, map) && c && c->version >= 1 && !cow_mapped(c, b))
+		if (dbd_blkmap_mark(map, b, gfp) && c && c->version >= 1 && !cow_mapped(c, b))
 			atomic64_inc(&c->nr_changed);
 	}
 }
@@ -112,7 +116,7 @@ static dbd_qc_t dbd_handle(struct bio *bio)
 
 		/* dormant with a clean header: the worker dirties it first */
 		if (!c || !READ_ONCE(c->clean_on_disk)) {
-			dbd_mark_changed(tr, b0, b1);
+			dbd_mark_changed(tr, b0, b1, GFP_NOWAIT);
 			goto pass;
 		}
 		goto queue;

@@ -706,7 +706,7 @@ static void dbd_inc_process(struct dbd_tracer *tr, struct bio_list *in)
 			u64 b0, b1;
 
 			dbd_bio_blocks(tr, bio, &b0, &b1);
-			dbd_mark_changed(tr, b0, b1);
+			dbd_mark_changed(tr, b0, b1, GFP_NOIO);
 		}
 		submit_bio_noacct(bio);
 	}
@@ -783,7 +783,9 @@ static void dbd_trim_index(struct dbd_tracer *tr)
 
 	if (!c || dbd_tracer_error(tr) || !(tr->state & DBD_STATE_ACTIVE))
 		return;
-	err = cow_cache_trim(c);
+	/* only an incremental worker owns the change map: t2s frees it under a COW worker */
+	err = cow_cache_trim(c, tr->worker_cow ? 0 :
+				dbd_blkmap_leaf_bytes(READ_ONCE(tr->changed)));
 	if (err)
 		dbd_tracer_fail(tr, err);
 }
@@ -960,7 +962,7 @@ static void dbd_teardown(struct dbd_tracer *tr)
 		cow_free(tr->cow);
 		tr->cow = NULL;
 	}
-	kvfree(tr->changed);
+	dbd_blkmap_free(tr->changed);
 	tr->changed = NULL;
 	dbd_bdev_close(&tr->bh);
 	tr->bdev = NULL;
@@ -1070,7 +1072,7 @@ int dbd_reload(unsigned int minor, const char *bdev_path, const char *cow_path,
 		err = dbd_start_worker(tr, true);
 		tr->hook_mode = DBD_HOOK_PRE;
 	} else {
-		tr->changed = cow_bitmap_alloc(tr->nblocks);
+		tr->changed = dbd_blkmap_alloc(tr->nblocks);
 		err = tr->changed ? dbd_start_worker(tr, false) : -ENOMEM;
 		tr->hook_mode = DBD_HOOK_INC;
 	}
@@ -1119,39 +1121,29 @@ void dbd_destroy_all(void)
 	mutex_unlock(&dbd_ctl_mutex);
 }
 
+/* blocks preserved or changed: a walk over the leaves that exist */
 static u64 dbd_count_changed(struct dbd_tracer *tr)
 {
-	struct cow_store *c = tr->cow;
-	u64 n = 0;
-	u64 i, words = BITS_TO_LONGS(tr->nblocks);
-
-	for (i = 0; i < words; i++) {
-		unsigned long w = c->mapped[i] | (tr->changed ? tr->changed[i] : 0);
-
-		if (i == words - 1 && tr->nblocks % BITS_PER_LONG)
-			w &= BITMAP_LAST_WORD_MASK(tr->nblocks);
-		n += hweight_long(w);
-	}
-	return n;
+	return dbd_blkmap_weight_or(tr->cow->mapped, tr->changed, tr->nblocks);
 }
 
 int dbd_transition_inc(unsigned int minor)
 {
 	struct dbd_tracer *tr;
 	struct dbd_freeze fz;
-	unsigned long *map;
+	struct dbd_blkmap *map;
 	int err = dbd_get(minor, true, &tr);
 
 	if (err)
 		return err;
 	if (dbd_tracer_error(tr) || tr->state != (DBD_STATE_SNAPSHOT | DBD_STATE_ACTIVE))
 		return -EINVAL;
-	map = cow_bitmap_alloc(tr->nblocks);
+	map = dbd_blkmap_alloc(tr->nblocks);
 	if (!map)
 		return -ENOMEM;
 	err = dbd_freeze(tr->bdev, &fz);
 	if (err) {
-		kvfree(map);
+		dbd_blkmap_free(map);
 		LOG_ERROR(err, "error freezing block device");
 		return err;
 	}
@@ -1196,7 +1188,7 @@ int dbd_transition_inc(unsigned int minor)
  * through the VFS into a new file at the same path (cow_handover()).  The
  * old blocks stay pinned until the caller frees @c.
  */
-static int dbd_handover(struct dbd_tracer *tr, struct cow_store *c, unsigned long *map,
+static int dbd_handover(struct dbd_tracer *tr, struct cow_store *c, struct dbd_blkmap *map,
 			const char *relpath)
 {
 	struct file *f = dbd_open_in_fs(tr->bdev, tr->bdev_path, relpath, O_RDONLY);
@@ -1221,7 +1213,7 @@ int dbd_transition_snap(unsigned int minor, const char *cow_path, unsigned long 
 {
 	struct dbd_tracer *tr;
 	struct cow_store *oldc, *newc;
-	unsigned long *oldmap;
+	struct dbd_blkmap *oldmap;
 	struct dbd_freeze fz;
 	u64 fsize, rec_mib;
 	char *newpath = NULL, *oldpath;
@@ -1294,7 +1286,7 @@ int dbd_transition_snap(unsigned int minor, const char *cow_path, unsigned long 
 			  oldc->nr_evicted, oldc->nr_loaded);
 	}
 	cow_free(oldc);	/* releases the old file's blocks */
-	kvfree(oldmap);
+	dbd_blkmap_free(oldmap);
 	kfree(oldpath);
 	LOG_DEBUG("minor %u transitioned to snapshot, cow %s", minor, tr->cow_path);
 	return err;

@@ -7,6 +7,8 @@ change list is checked against the writes traced below the filesystem (guestlib 
 no snapshot is read, so the check costs the same at any size): every write is marked, at most
 SPURIOUS_BOUND blocks more. The backup image is a sparse file standing for the full copy; the blocks
 update-img copied must equal the snapshot's. Each round prints its ioctl times and blocks copied.
+The module's vmalloc'ed memory, read in incremental mode after the change, must grow with the
+volume only by its per-section arrays (VMALLOC_PER_SECTION), not by a bit per block.
 """
 
 from __future__ import annotations
@@ -27,6 +29,22 @@ MNT = "/mnt/vol"
 # no background inode-table zeroing (ext4 lazy init sends WRITE_ZEROES into every round)
 MKFS = {"ext4": "mkfs.ext4 -q -F -O ^orphan_file -E lazy_itable_init=1", "xfs": "mkfs.xfs -q -f"}
 MOUNT = {"ext4": "mount -o noinit_itable", "xfs": "mount"}
+SECTION_BYTES = 16 << 20  # volume covered by one index section (4096 entries of 4 KiB blocks)
+# Per index section the module keeps a section pointer, a hit count, two block-map leaf pointers
+# and a few bits: 28 bytes; a flat bitmap of one bit per block would be 512 per map.
+VMALLOC_PER_SECTION = 32
+VMALLOC_SLACK = 1 << 20  # index sections kvmalloc places in vmalloc space, and small arrays
+
+
+def _module_vmalloc(g: Guest) -> dict[str, int]:
+    """Bytes the module holds in vmalloc space, by allocating function (/proc/vmallocinfo)."""
+    held: dict[str, int] = {}
+    for line in g.check("cat /proc/vmallocinfo").stdout.splitlines():
+        f = line.split()
+        if "[dattobd]" in f and len(f) > 2 and "load_module" not in line:
+            caller = f[2].split("+")[0]
+            held[caller] = held.get(caller, 0) + int(f[1])
+    return held
 
 
 def _volume(gib: int, fs: str, *marks: pytest.MarkDecorator) -> object:
@@ -64,6 +82,14 @@ def test_backup_round_on_a_large_volume(module_guest: Guest, oracles: Oracles, g
     g.check(f"truncate -s {gib}G /backups/img")  # the full copy, as far as the check reads it
     to_inc = _timed_ms(g, "transition-to-incremental 0")
     g.check(f"dd if=/dev/urandom of={MNT}/round bs=1M count=1 status=none && sync")
+    held = _module_vmalloc(g)
+    bound = gib * (1 << 30) // SECTION_BYTES * VMALLOC_PER_SECTION + VMALLOC_SLACK
+    print(f"{gib} GiB {fs}: module vmalloc {sum(held.values()) // 1024} KiB in incremental mode: {held}")
+    assert sum(held.values()) <= bound, (
+        f"module vmalloc {sum(held.values()) // 1024} KiB on a {gib} GiB volume in incremental mode, "
+        f"over {bound // 1024} KiB ({VMALLOC_PER_SECTION} B per 16 MiB section + "
+        f"{VMALLOC_SLACK >> 20} MiB): {held}"
+    )
     o.run("trace-mark", 0)
     to_snap = _timed_ms(g, f"transition-to-snapshot {MNT}/.datto1 0")
     o.run("trace-mark", 0, "--taken")
