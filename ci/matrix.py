@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import module_under_test
+
 REPO = Path(__file__).resolve().parent.parent
 PYTEST_NO_TESTS = 5
 TARGET_RE = re.compile(r"debian-[0-9][0-9.]*(?:-[a-z][a-z0-9]*)?")
@@ -153,10 +155,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-n", "--workers", default=os.environ.get("DBD_WORKERS", "2"))
     p.add_argument("--deep-on", default=None, help="passed to pytest (default: its own, 'auto')")
     p.add_argument("--junit", type=Path, default=REPO / "artifacts" / "junit-guest.xml")
+    p.add_argument("--ko", help="a prebuilt module to test: a .ko, or a directory of <target>.ko")
+    p.add_argument("--module-src", help="a module source tree to build and test instead of kernel/")
+    p.add_argument("--module-build", help="build command for --module-src ({src} {kdir} {release} {jobs})")
     p.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     a = p.parse_args(argv)
+    try:
+        chosen = module_under_test.choose(a.ko, a.module_src, a.module_build)
+    except ValueError as e:
+        p.error(str(e))
     a.junit.parent.mkdir(parents=True, exist_ok=True)
-    return run(a.kernel, a.workers, a.junit.resolve(), a.deep_on, a.pytest_args)
+    return run(a.kernel, a.workers, a.junit.resolve(), a.deep_on, [*chosen.args(), *a.pytest_args])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ cut power, watch the kernel console for warnings/oopses/panics, keep artifacts o
 Public API (see harness.guest for details):
     Guest, DiskSpec, CommandResult, Finding, run_batch, BatchResult, select_accel
     errors: GuestError, GuestBootError, GuestTimeout, GuestCrashError, GuestCommandError,
-            GuestPythonError, KernelWarningError, ModuleBuildError
+            GuestPythonError, KernelCrashError, KernelWarningError, ModuleBuildError
 """
 
 from harness.accel import select_accel
@@ -16,6 +16,7 @@ from harness.errors import (
     GuestError,
     GuestPythonError,
     GuestTimeout,
+    KernelCrashError,
     KernelWarningError,
     ModuleBuildError,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "GuestError",
     "GuestPythonError",
     "GuestTimeout",
+    "KernelCrashError",
     "KernelWarningError",
     "ModuleBuildError",
     "run_batch",

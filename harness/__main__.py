@@ -1,8 +1,12 @@
 """Developer CLI.
 
-    python -m harness shell [--target T] [--rootfs R] [--keep] [--no-module]
-    python -m harness run [--target T] [--module] -- CMD...
+    python -m harness shell [--target T] [--rootfs R] [--keep] [--no-module] [GUEST OPTIONS]
+    python -m harness run [--target T] [--module] [GUEST OPTIONS] -- CMD...
     python -m harness pytest [--target T] FILE [PYTEST ARGS...]
+
+Every command takes the module under test: --ko PATH, --module-src DIR, --module-build CMD (see
+harness.module_under_test). GUEST OPTIONS: --append ARG (kernel command line, repeatable), --disk MIB
+(a data disk, repeatable; default one of 512 MiB), --memory MIB.
     python -m harness walkthrough [--target T]
     python -m harness accel
 
@@ -18,9 +22,10 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from harness import artifacts
+from harness import artifacts, module_under_test
 from harness.errors import GuestError, KernelWarningError
-from harness.guest import Guest
+from harness.guest import DEFAULT_DISKS, Guest
+from harness.qemu import DiskSpec
 
 FINDINGS_EXIT = 3
 
@@ -28,10 +33,33 @@ FINDINGS_EXIT = 3
 def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="kernel target (default: vmimages.matrix.DEFAULT_TARGET)")
     p.add_argument("--rootfs", default="bookworm")
+    p.add_argument("--ko", help="a prebuilt module to test: a .ko, or a directory of <target>.ko")
+    p.add_argument("--module-src", help="a module source tree to build and test instead of kernel/")
+    p.add_argument("--module-build", help="build command for --module-src ({src} {kdir} {release} {jobs})")
+
+
+def _add_guest(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--append", action="append", default=[], help="kernel command-line argument (repeatable)")
+    p.add_argument("--disk", action="append", type=int, default=[], help="data disk of MIB MiB (repeatable)")
+    p.add_argument("--memory", type=int, default=1024, help="guest memory in MiB (default 1024)")
+
+
+def _guest(args: argparse.Namespace, module: bool, name: str, keep: bool = False) -> Guest:
+    disks = [DiskSpec(mib) for mib in args.disk] if args.disk else list(DEFAULT_DISKS)
+    return Guest(
+        target=args.target,
+        rootfs=args.rootfs,
+        disks=disks,
+        memory_mib=args.memory,
+        module=module,
+        name=name,
+        keep=keep,
+        append_extra=tuple(args.append),
+    )
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
-    g = Guest(target=args.target, rootfs=args.rootfs, module=False, name="shell", keep=args.keep)
+    g = _guest(args, module=False, name="shell", keep=args.keep)
     print(f"booting {g.target} ({args.rootfs}) ...", flush=True)
     g.boot()
     print(f"ready in {g.boot_seconds:.1f}s; run dir {g.run_dir}", flush=True)
@@ -53,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     cmd = argv[0] if len(argv) == 1 else shlex.join(argv)
     with_module = bool(args.module)
-    g = Guest(target=args.target, rootfs=args.rootfs, module=with_module, name="run")
+    g = _guest(args, module=with_module, name="run")
     try:
         g.boot()
         r = g.run(cmd, timeout=args.timeout)
@@ -82,6 +110,7 @@ def _finish(g: Guest, keep_msg: bool = False) -> int:
 
 def cmd_pytest(args: argparse.Namespace, extra: Sequence[str]) -> int:
     argv = [sys.executable, "-m", "pytest", *args.files, *extra, "--rootfs", args.rootfs]
+    argv += module_under_test.choose(args.ko, args.module_src, args.module_build).args()
     if args.target:
         argv += ["--kernel", args.target]
     os.execv(sys.executable, argv)
@@ -110,9 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_target(p)
     p.add_argument("--keep", action="store_true", help="keep the overlay/run dir and print its path")
     p.add_argument("--no-module", action="store_true", help="do not load the module")
+    _add_guest(p)
     p = sub.add_parser("run", help="run one command in a fresh guest")
     _add_target(p)
     p.add_argument("--module", action="store_true", help="load the module first")
+    _add_guest(p)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("cmd", nargs=argparse.REMAINDER)
     p = sub.add_parser("pytest", help="run test file(s) on one kernel")
@@ -125,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command != "pytest" and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        module_under_test.choose(args.ko, args.module_src, args.module_build).export()
+    except ValueError as e:
+        parser.error(str(e))
     try:
         if args.command == "shell":
             return cmd_shell(args)

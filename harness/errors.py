@@ -37,6 +37,19 @@ class GuestCrashError(GuestError):
     """QEMU exited (or the kernel panicked) while the harness was waiting for the guest."""
 
 
+class KernelCrashError(GuestCrashError):
+    """The kernel oopsed, panicked or hung a task while a command ran: the command was abandoned."""
+
+    def __init__(self, cmd: str, findings: Sequence[Finding], console_tail: str = "") -> None:
+        self.cmd = cmd
+        self.findings = list(findings)
+        first = self.findings[0]
+        parts = [f"kernel {first.kind} during `{cmd[:200]}`: {first.line.strip()}"]
+        for f in self.findings:
+            parts.append(f"=== {f.kind} (console line {f.line_no}): {f.line}\n{f.excerpt}")
+        super().__init__("\n".join(parts), console_tail)
+
+
 class GuestCommandError(GuestError):
     """A command run by Guest.check() exited with a non-zero status."""
 

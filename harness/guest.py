@@ -29,6 +29,7 @@ from harness.errors import (
     GuestCommandError,
     GuestCrashError,
     GuestError,
+    KernelCrashError,
     KernelWarningError,
 )
 from harness.images import (
@@ -267,7 +268,14 @@ class Guest:
         """Run a bash command (any length, newlines allowed) in a subshell; output is exact."""
         st = self._require_shell()
         since = self.watcher.line_count
-        raw = st.shell.run(cmd, timeout * self.time_scale, crash_check=lambda: self._panicked_since(since))
+        died = lambda: bool(self.watcher.fatal(since))  # noqa: E731 - an oops ends the wait at once
+        try:
+            raw = st.shell.run(cmd, timeout * self.time_scale, crash_check=died)
+        except GuestCrashError as e:
+            fatal = self.watcher.fatal(since)
+            if fatal and not isinstance(e, KernelCrashError):
+                raise KernelCrashError(cmd, fatal, e.console_tail) from None
+            raise
         return CommandResult(
             stdout=raw.stdout.decode(errors="replace"),
             stderr=raw.stderr.decode(errors="replace"),
@@ -318,13 +326,16 @@ class Guest:
     def load_module(self, **params: object) -> str:
         """insmod the target's build of kernel/ (default debug=1); returns the guest path of the .ko."""
         st = self._require_shell()
+        from vmimages.chroot import module_name
+
         ko = module_path(self.target, self.module_src)
-        shutil.copyfile(ko, st.rundir.xchg / ko.name)
+        name = module_name(ko)  # a prebuilt one may be called <target>.ko
+        shutil.copyfile(ko, st.rundir.xchg / f"{name}.ko")
         params.setdefault("debug", 1)
         args = " ".join(f"{k}={_param(v)}" for k, v in params.items())
-        self.check(f"insmod {XCHG_MOUNT}/{ko.name} {args}".rstrip(), timeout=60)
-        self._module_name = ko.stem.replace("-", "_")
-        return f"{XCHG_MOUNT}/{ko.name}"
+        self.check(f"insmod {XCHG_MOUNT}/{name}.ko {args}".rstrip(), timeout=60)
+        self._module_name = name
+        return f"{XCHG_MOUNT}/{name}.ko"
 
     def unload_module(self) -> None:
         self.check(f"rmmod {getattr(self, '_module_name', 'dattobd')}", timeout=60)
@@ -410,9 +421,6 @@ class Guest:
             self.watcher.end_expectation(exp)
         if exp.hits == 0:
             raise AssertionError(f"no kernel finding matching {patterns} appeared on the console")
-
-    def _panicked_since(self, line: int) -> bool:
-        return any(f.kind == "panic" for f in self.watcher.findings(since_line=line))
 
     # -- artifacts ---------------------------------------------------------------------------------
     def register_artifact(self, host_path: Path | str) -> None:

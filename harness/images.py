@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from harness import module_under_test
 from harness.accel import select_accel
 from harness.errors import ModuleBuildError
 from harness.qemu import (
@@ -45,7 +46,7 @@ class ImageLike(Protocol):
 
 _lock = threading.Lock()
 _images: dict[tuple[str, str], GuestImage] = {}
-_modules: dict[tuple[str, Path, str], Path | ModuleBuildError] = {}
+_modules: dict[tuple[str, Path, str, str | None], Path | ModuleBuildError] = {}
 
 
 def default_target() -> str:
@@ -85,16 +86,23 @@ def image_files_exist(image: ImageLike) -> bool:
 
 
 def module_path(target: str, src_dir: Path | None = None, module: str = "dattobd") -> Path:
-    """`module`.ko built from src_dir (default: the repo's kernel/) for `target`; ModuleBuildError if not."""
+    """`module`.ko built from src_dir for `target`; ModuleBuildError if not. Without src_dir, the
+    module under test (harness.module_under_test: the repo's kernel/ unless --ko/--module-src)."""
     from vmimages import ensure_module
+    from vmimages.chroot import vermagic
+    from vmimages.matrix import get_target
 
-    src = (src_dir or REPO_ROOT / "kernel").resolve()
-    key = (target, src, module)
+    chosen = module_under_test.from_env() if src_dir is None and module == "dattobd" else None
+    if chosen is not None and chosen.ko is not None:
+        return module_under_test.prebuilt_for(chosen.ko, target, get_target(target).kernel_release, vermagic)
+    build = chosen.build if chosen is not None else None
+    src = (src_dir or (chosen.src if chosen is not None else None) or REPO_ROOT / "kernel").resolve()
+    key = (target, src, module, build)
     with _lock:
         cached = _modules.get(key)
         if cached is None:
             try:
-                cached = Path(ensure_module(target, src, module=module))
+                cached = Path(ensure_module(target, src, module=module, command=build))
             except Exception as e:  # build failures come in several types
                 cached = ModuleBuildError(f"building the module in {src} for {target} failed: {e}")
             _modules[key] = cached
@@ -106,7 +114,10 @@ def module_path(target: str, src_dir: Path | None = None, module: str = "dattobd
 def forget_module(target: str, src_dir: Path | None = None, module: str = "dattobd") -> None:
     """Drop a cached build result so the next module_path() asks vmimages again (after source edits)."""
     with _lock:
-        _modules.pop((target, (src_dir or REPO_ROOT / "kernel").resolve(), module), None)
+        for key in [
+            k for k in _modules if k[:3] == (target, (src_dir or REPO_ROOT / "kernel").resolve(), module)
+        ]:
+            _modules.pop(key, None)
 
 
 @dataclass(frozen=True)

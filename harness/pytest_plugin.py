@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import zlib
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from typing import Any
 
 import pytest
 
-from harness import artifacts, images
+from harness import artifacts, images, module_under_test
 from harness.guest import DEFAULT_DISKS, Guest
 from harness.images import GuestDisk
 from harness.oracles import Oracles, Tally
@@ -98,6 +99,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="also run the tests marked long (gigabyte volumes, minutes-long races)",
     )
     group.addoption(
+        "--ko",
+        default=os.environ.get(module_under_test.ENV_KO),
+        help="test a prebuilt module instead of kernel/: a .ko, or a directory of <target>.ko",
+    )
+    group.addoption(
+        "--module-src",
+        default=os.environ.get(module_under_test.ENV_SRC),
+        help="test the module built from this source tree instead of kernel/",
+    )
+    group.addoption(
+        "--module-build",
+        default=os.environ.get(module_under_test.ENV_BUILD),
+        help="build command for --module-src in the target's chroot (default "
+        "'make -C {src} -j{jobs} KDIR={kdir}'; {release} is the kernel release)",
+    )
+    group.addoption(
         "--soak",
         action="store_true",
         default=os.environ.get("DBD_SOAK") == "1",
@@ -110,6 +127,13 @@ _CONFIG: dict[str, pytest.Config] = {}
 
 def pytest_configure(config: pytest.Config) -> None:
     _CONFIG["config"] = config
+    try:
+        chosen = module_under_test.choose(
+            config.getoption("--ko"), config.getoption("--module-src"), config.getoption("--module-build")
+        )
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
+    chosen.export()
     config.addinivalue_line("markers", "guest: needs a QEMU guest (boots a throwaway VM)")
     config.addinivalue_line("markers", "slow: takes more than a minute")
     config.addinivalue_line("markers", "guest_config(**kwargs): Guest() keyword arguments for this test")
@@ -143,7 +167,7 @@ def deep_kernels(config: pytest.Config) -> list[str]:
     return [k for k in chosen if k in wanted]
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_report_header(config: pytest.Config) -> list[str]:
     chosen = selected_kernels(config)
     debug = [k for k in chosen if images.is_debug_target(k)]
     deep = [k for k in deep_kernels(config) if k not in debug]
@@ -152,9 +176,8 @@ def pytest_report_header(config: pytest.Config) -> str:
     line += f"; without the deep ones on {', '.join(subset)}" if subset else ""
     line += f"; only the debugkernel ones on {', '.join(debug)}" if debug else ""
     line += "; long ones included" if config.getoption("--long") else "; long ones deselected (--long)"
-    return line + (
-        "; soak ones included" if config.getoption("--soak") else "; soak ones deselected (--soak)"
-    )
+    line += "; soak ones included" if config.getoption("--soak") else "; soak ones deselected (--soak)"
+    return [line, f"module under test: {module_under_test.from_env().describe()}"]
 
 
 def _runs_on(item: pytest.Item, deep: set[str], long: bool = False, soak: bool = False) -> bool:
@@ -249,6 +272,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """The controller (or a plain run) merges this run's guest test durations into the cache."""
     if hasattr(session.config, "workerinput"):
         return
+    if module_under_test.from_env().foreign:
+        return  # another module's timings would mislead the scheduling of ours
     seen = session.config.stash.get(_DURATIONS, {})
     seen = {k: v for k, v in seen.items() if "[debian-" in k or "-debian-" in k}  # guest tests
     if not seen:
@@ -367,7 +392,17 @@ def seed(request: pytest.FixtureRequest, target: str) -> int:
 @pytest.fixture
 def oracles(request: pytest.FixtureRequest, guest: Guest, seed: int, target: str) -> Iterator[Oracles]:
     """guestlib's oracles in this test's guest; the test counts as one oracle scenario."""
-    rerun = f"pytest '{request.node.nodeid}' --kernel {target} --seed {seed}"
+    rerun = shlex.join(
+        [
+            "pytest",
+            request.node.nodeid,
+            "--kernel",
+            target,
+            "--seed",
+            str(seed),
+            *module_under_test.from_env().args(),
+        ]
+    )
     o = Oracles(guest, Tally(), context=f"seed {seed}; rerun: {rerun}")
     o.start_write_trace()
     yield o

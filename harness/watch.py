@@ -31,6 +31,8 @@ PRIMARY_PATTERNS: tuple[tuple[str, str], ...] = (
     ("bug", r"\bBUG:"),
     ("warning", r"\bWARNING:"),
 )
+# Reports after which the kernel cannot be trusted to finish the command: a test ends at once.
+FATAL_KINDS = frozenset({"panic", "oops", "gpf", "hung-task"})
 # Lines that belong to the report before them (or start one when there is none).
 SECONDARY_PATTERNS: tuple[tuple[str, str], ...] = (
     ("call-trace", r"Call Trace"),
@@ -185,6 +187,14 @@ class ConsoleWatcher:
 
     def unexpected(self) -> list[Finding]:
         return self.findings(include_expected=False)
+
+    def fatal(self, since_line: int = 0) -> list[Finding]:
+        """Unexpected reports since `since_line` of a FATAL_KINDS kind, and every panic."""
+        return [
+            f
+            for f in self.findings(since_line)
+            if f.kind == "panic" or (not f.expected and FATAL_KINDS.intersection(f.kinds or (f.kind,)))
+        ]
 
     def _snapshot(self, r: _Report) -> Finding:
         start = max(0, r.index - BEFORE)

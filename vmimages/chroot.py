@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -68,12 +69,39 @@ def ensure_chroot(suite: str, progress: Progress) -> Path:
     return art.ensure(build) / "root"
 
 
+# How a module tree is built in the chroot; {src}, {kdir}, {release} and {jobs} are filled in.
+DEFAULT_BUILD = "make -C {src} -j{jobs} KDIR={kdir}"
+
+
+def build_command(template: str | None, src: str, kdir: str, release: str, jobs: int) -> str:
+    """The shell command for a build template, each value quoted; ValueError names a bad field."""
+    fields = {
+        "src": shlex.quote(src),
+        "kdir": shlex.quote(kdir),
+        "release": shlex.quote(release),
+        "jobs": str(jobs),
+    }
+    try:
+        return (template or DEFAULT_BUILD).format(**fields)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(
+            f"--module-build {template!r}: {e!r} (fields: {{src}} {{kdir}} {{release}} {{jobs}})"
+        ) from None
+
+
 def build_in_chroot(
-    root: Path, target: Target, src_dir: Path, build_id: str, module: str, kbuild: Path | None = None
+    root: Path,
+    target: Target,
+    src_dir: Path,
+    build_id: str,
+    module: str,
+    kbuild: Path | None = None,
+    command: str | None = None,
 ) -> tuple[bytes, str]:
-    """Copy src_dir to /build/<build_id> in the chroot, make it, return (module bytes, build log).
+    """Copy src_dir to /build/<build_id> in the chroot, build it, return (module bytes, build log).
 
     kbuild: a source-built kernel's artifact, bind-mounted at /kbuild (its headers_dir lives there).
+    command: a build template (DEFAULT_BUILD); the module is <module>.ko anywhere in the tree.
     """
     bdir = root / "build" / build_id
     if bdir.exists():
@@ -87,7 +115,10 @@ def build_in_chroot(
         'if [ -n "$5" ]; then mkdir -p "$1/kbuild" && mount --bind "$5" "$1/kbuild"; fi && '
         'exec chroot "$1" /usr/bin/env -i '
         "PATH=/usr/sbin:/usr/bin:/sbin:/bin "
-        'HOME=/root LC_ALL=C.UTF-8 make -C "$2" -j"$3" KDIR="$4"'
+        'HOME=/root LC_ALL=C.UTF-8 sh -c "$6"'
+    )
+    make = build_command(
+        command, f"/build/{build_id}", target.headers_dir, target.kernel_release, os.cpu_count() or 2
     )
     cmd = [
         "unshare",
@@ -104,12 +135,15 @@ def build_in_chroot(
         str(os.cpu_count() or 2),
         target.headers_dir,
         str(kbuild or ""),
+        make,
     ]
     try:
         p = subprocess.run(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", check=False
         )
         ko = bdir / f"{module}.ko"
+        if not ko.is_file():
+            ko = next(iter(sorted(bdir.rglob(f"{module}.ko"))), ko)  # e.g. upstream's src/dattobd.ko
         # Point diagnostics at the caller's source tree rather than the chroot copy.
         log = p.stdout.replace(f"/build/{build_id}/", f"{src_dir}/")
         if p.returncode != 0 or not ko.is_file():
@@ -124,12 +158,24 @@ def vermagic(ko: Path) -> str:
     return run(["modinfo", "-F", "vermagic", str(ko)]).strip()
 
 
-def ensure_module(target: str, src_dir: Path, progress: bool | None = None, module: str = "dattobd") -> Path:
-    """Build src_dir (a kbuild dir taking KDIR=) for target in its suite's chroot; cached <module>.ko."""
+def module_name(ko: Path) -> str:
+    """The name the kernel gives the module (what rmmod takes), whatever the file is called."""
+    return run(["modinfo", "-F", "name", str(ko)]).strip() or ko.stem.replace("-", "_")
+
+
+def ensure_module(
+    target: str,
+    src_dir: Path,
+    progress: bool | None = None,
+    module: str = "dattobd",
+    command: str | None = None,
+) -> Path:
+    """Build src_dir for target in its suite's chroot (command: a build template, by default a kbuild
+    dir taking KDIR=); cached <module>.ko."""
     t = get_target(target)
     prog = Progress(progress)
     src_dir = Path(src_dir).resolve()
-    if not (src_dir / "Makefile").is_file() and not (src_dir / "Kbuild").is_file():
+    if command is None and not (src_dir / "Makefile").is_file() and not (src_dir / "Kbuild").is_file():
         raise ModuleBuildError(f"{src_dir}: no Makefile/Kbuild")
     src_key = tree_key(src_dir)
     root = ensure_chroot(t.suite, prog)
@@ -141,13 +187,14 @@ def ensure_module(target: str, src_dir: Path, progress: bool | None = None, modu
 
         kbuild = ensure_kernel(t, prog).root
         kernel_part = (kernel_key(t),)
-    key = key_of("module", src_key, chroot_key(t.suite), t.name, module, *kernel_part)
+    build_part = (command,) if command is not None else ()
+    key = key_of("module", src_key, chroot_key(t.suite), t.name, module, *kernel_part, *build_part)
     art = Artifact("module", f"{t.name}-{module}", key)
 
     def build(tmp: Path) -> None:
         require_root(f"{module}.ko (chroot build)")
         with prog.step(f"{t.name}: build {module}.ko"):
-            data, log = build_in_chroot(root, t, src_dir, build_id, module, kbuild)
+            data, log = build_in_chroot(root, t, src_dir, build_id, module, kbuild, command)
             ko = tmp / f"{module}.ko"
             ko.write_bytes(data)
             (tmp / "build.log").write_text(log)

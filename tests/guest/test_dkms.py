@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import module_under_test
 from harness.docblocks import Block, collect
 from harness.guest import Guest
 from harness.pytest_plugin import Volume
@@ -135,6 +136,10 @@ def dkms_module(target: str, tmp_path: Path) -> tuple[Path, str]:
     """INSTALL.md's DKMS lines run in the target's build chroot (before the guest boots)."""
     if "dkms" not in get_target(target).tool_packages:
         pytest.skip(f"{target}: no dkms in its build chroot (tool_packages in vmimages/matrix.toml)")
+    if module_under_test.from_env().foreign:
+        pytest.skip(
+            f"DKMS packages kernel/, not the module under test ({module_under_test.from_env().describe()})"
+        )
     machine, _ = split_block(dkms_block())
     return run_dkms(target, machine, tmp_path / "dkms")
 

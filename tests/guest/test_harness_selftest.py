@@ -19,6 +19,7 @@ from harness import (
     GuestCrashError,
     GuestPythonError,
     GuestTimeout,
+    KernelCrashError,
     KernelWarningError,
     run_batch,
 )
@@ -101,6 +102,24 @@ def test_warning_is_caught_and_fails_unless_expected(
     assert unexpected.kind == "warning" and not unexpected.expected
     saved = tmp_path / "warnmod"
     assert (saved / "console.log").is_file() and "warnmod_init" in (saved / "findings.txt").read_text()
+
+
+@pytest.mark.deep
+def test_an_oops_ends_the_command_and_names_itself(
+    target: str, guest_image: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """insmod never returns after its module's thread oopses: the command ends at the report, not at
+    its timeout (GuestTimeout), and the failure's first line is the kernel's own."""
+    with (
+        pytest.raises(KernelWarningError),  # the oops is still an unexpected finding at close
+        _selftest_guest(target, guest_image, tmp_path, monkeypatch, "oopsmod") as g,
+    ):
+        with pytest.raises(KernelCrashError) as ei:
+            g.run("insmod /xchg/oopsmod.ko", timeout=600)
+        first = str(ei.value).splitlines()[0]
+        assert first.startswith("kernel ") and "insmod /xchg/oopsmod.ko" in first, first
+        assert re.search(r"NULL pointer dereference|Oops|general protection", first), first
+        assert any("oopsmod_thread" in f.excerpt for f in ei.value.findings), ei.value.findings
 
 
 @pytest.mark.debugonly

@@ -149,3 +149,34 @@ def test_expectation_matches_merged_lines() -> None:
     exp = w.expect("sysrq triggered crash")
     w.feed(PANIC)
     assert exp.hits == 1 and w.unexpected() == []
+
+
+OOPS = """\
+[   30.000001] BUG: kernel NULL pointer dereference, address: 0000000000000000
+[   30.000002] #PF: supervisor write access in kernel mode
+[   30.000003] Oops: 0002 [#1] PREEMPT SMP NOPTI
+[   30.000004] RIP: 0010:oopsmod_thread+0x5/0x20 [oopsmod]
+[   30.000005] Call Trace:
+[   30.000006] ---[ end trace 0000000000000000 ]---
+"""
+
+
+def test_fatal_reports_end_a_command_but_warnings_and_expected_ones_do_not() -> None:
+    w = ConsoleWatcher()
+    w.feed(BOOT + WARN)
+    assert w.fatal() == []  # a warning fails the test at its end, not the command at once
+    mark = w.line_count
+    w.feed(OOPS)
+    assert {f.kind for f in w.fatal(mark)} >= {"oops"}
+    assert w.fatal(w.line_count) == []  # only reports since the command started count
+
+    expected = ConsoleWatcher()
+    exp = expected.expect("NULL pointer|Oops")
+    expected.feed(OOPS)
+    expected.end_expectation(exp)
+    assert len(expected.findings()) == 2 and expected.fatal() == []  # a test that provokes an oops
+
+    panicked = ConsoleWatcher()
+    exp = panicked.expect("Kernel panic")
+    panicked.feed(PANIC)
+    assert [f.kind for f in panicked.fatal()] == ["panic"]  # a panic ends the command even when expected
