@@ -260,12 +260,25 @@ def _longest_first(items: list[pytest.Item]) -> None:
     items[:] = rest + guest
 
 
+def first_line(report: pytest.TestReport) -> str:
+    """The first line of a failure's message (the kernel's report for a KernelCrashError)."""
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = getattr(crash, "message", None) or str(report.longrepr or "")
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")[:300]
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    config = getattr(report, "config", None) or _CONFIG.get("config")
+    if config is None:
+        return
     if report.passed or report.failed:
-        config = getattr(report, "config", None) or _CONFIG.get("config")
-        if config is not None:
-            seen = config.stash.setdefault(_DURATIONS, {})
-            seen[report.nodeid] = seen.get(report.nodeid, 0.0) + report.duration
+        seen = config.stash.setdefault(_DURATIONS, {})
+        seen[report.nodeid] = seen.get(report.nodeid, 0.0) + report.duration
+    # Under xdist the controller shows only dots until the end: name each failure as it comes.
+    xdist_controller = getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")
+    tr = config.pluginmanager.get_plugin("terminalreporter") if report.failed and xdist_controller else None
+    if tr is not None:
+        tr.write_line(f"FAILED {report.nodeid} ({report.when}): {first_line(report)}", red=True)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -263,3 +263,30 @@ def test_durations_seed_orders_a_cold_cache_and_the_cache_overrides_it(
     )
     # what this machine measured wins over the seed
     assert order() == ["test_host", "test_long[debian-6.1]", "test_short[debian-6.1]", "test_new[debian-6.1]"]
+
+
+def test_under_xdist_each_failure_is_named_as_it_happens(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest('pytest_plugins = ["harness.pytest_plugin"]')
+    pytester.makepyfile(
+        test_x="def test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2, 'the first line'\n"
+    )
+    res = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
+    out = res.stdout.str()
+    line = "FAILED test_x.py::test_bad (call): AssertionError: the first line"
+    assert line in out, out
+    assert out.index(line) < out.index("short test summary"), "named only in the summary"
+
+
+def test_the_header_names_the_module_under_test(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makeconftest('pytest_plugins = ["harness.pytest_plugin"]')
+    pytester.makepyfile(test_x="def test_plain():\n    pass\n")
+    plain = pytester.runpytest_subprocess("--collect-only").stdout.str()
+    assert "module under test: kernel/ (this repository)" in plain
+    (tmp_path / "built").mkdir()
+    out = pytester.runpytest_subprocess(
+        "test_x.py", "--collect-only", f"--ko={tmp_path / 'built'}"
+    ).stdout.str()
+    assert f"module under test: --ko {tmp_path / 'built'}" in out
+    res = pytester.runpytest_subprocess("test_x.py", "--collect-only", f"--ko={tmp_path / 'missing.ko'}")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--ko" in res.stderr.str() and "neither a .ko file nor a directory" in res.stderr.str()
