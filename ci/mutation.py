@@ -4,11 +4,11 @@
 
 Each ci/mutants/<name>.patch is a realistic bug, a unified diff against kernel/ after a paragraph
 that says what it breaks. For each one: kernel/ is copied, the patch applied, the module built for
-the kernel, and the per-change tier of the guest suite run against it through --ko, stopping at the
-first failure (-x). A failing run kills the mutant, a passing one lets it survive; a patch that no
-longer applies or builds is an error, not a kill. The table printed at the end (also
-artifacts/mutation.md, with artifacts/mutation.json) gives each mutant's verdict, the test that
-killed it and its first message line, and the kill rate. Exit status: 0 when every mutant was
+the kernel, and the per-change tier of the guest suite run against it through --ko, shortest tests
+first, stopping at the first failure (-x). A failing run kills the mutant, a passing one lets it
+survive; a patch that no longer applies or builds is an error, not a kill. The table printed at
+the end (also artifacts/mutation.md, with artifacts/mutation.json) gives each mutant's verdict, the
+test that killed it and its first message line, and the kill rate. Exit status: 0 when every mutant was
 killed, 1 otherwise.
 """
 
@@ -87,7 +87,7 @@ def first_failure(junit: Path) -> tuple[str, str]:
 def verdict(rc: int, junit: Path) -> tuple[str, str, str]:
     """pytest's exit status and JUnit file as (verdict, test, message)."""
     test, message = first_failure(junit)
-    if rc == 1:
+    if rc == 1 or (rc == 2 and test):  # with xdist, -x ends a failing run as interrupted (2)
         return "killed", test, message
     if rc == 0:
         return "survived", "", ""
@@ -98,6 +98,7 @@ def verdict(rc: int, junit: Path) -> tuple[str, str, str]:
 def run_one(patch: Path, kernel: str, workers: str, extra: Sequence[str], work: Path) -> Outcome:
     from harness.errors import ModuleBuildError
     from harness.images import module_path
+    from harness.pytest_plugin import SHORTEST_FIRST_ENV
 
     start = time.monotonic()
     name = patch.stem
@@ -112,12 +113,18 @@ def run_one(patch: Path, kernel: str, workers: str, extra: Sequence[str], work: 
     kodir = dest / "ko"
     kodir.mkdir()
     shutil.copyfile(ko, kodir / f"{kernel}.ko")
-    junit = dest / "junit.xml"
+    logs = REPO / "artifacts" / "mutation" / name
+    logs.mkdir(parents=True, exist_ok=True)
+    junit = logs / "junit.xml"
     argv = [
         str(Path(sys.executable).with_name("pytest")), "-q", *TESTS, "--kernel", kernel, "--ko", str(kodir),
         "-x", "-n", workers, "-p", "no:cacheprovider", f"--junitxml={junit}", *extra,
     ]  # fmt: skip
-    env = {**os.environ, "DBD_ARTIFACTS": str(REPO / "artifacts" / "mutation" / name)}
+    env = {
+        **os.environ,
+        "DBD_ARTIFACTS": str(logs),
+        SHORTEST_FIRST_ENV: "1",
+    }
     print(f"=== mutation {name}: {' '.join(argv)}", flush=True)
     rc = subprocess.call(argv, cwd=REPO, env=env)
     v, test, message = verdict(rc, junit)

@@ -217,7 +217,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if names & GUEST_FIXTURES:
             item.add_marker(pytest.mark.guest)
             item.add_marker(pytest.mark.slow)
-    _longest_first(items)
+    _longest_first(items, shortest=os.environ.get(SHORTEST_FIRST_ENV) == "1")
 
 
 # Longest-first scheduling: with 2 xdist workers a long test started last leaves one worker idle
@@ -227,6 +227,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 DURATIONS_FILE = "guest-test-durations.json"
 DURATIONS_SEED = Path(__file__).resolve().parents[1] / "ci" / DURATIONS_FILE
 UNKNOWN_DURATION = 90.0
+# A run that stops at its first failure (ci/mutation's -x) learns soonest from the short tests.
+SHORTEST_FIRST_ENV = "DBD_SHORTEST_FIRST"
 _DURATIONS = pytest.StashKey[dict[str, float]]()
 
 
@@ -249,13 +251,14 @@ def _load_durations() -> dict[str, float]:
     return {**_read_durations(DURATIONS_SEED), **_read_durations(_durations_path())}
 
 
-def _longest_first(items: list[pytest.Item]) -> None:
+def _longest_first(items: list[pytest.Item], shortest: bool = False) -> None:
     known = _load_durations()
     guest = [i for i in items if i.get_closest_marker("guest")]
     if len(guest) < 2:
         return
     order = {id(i): n for n, i in enumerate(items)}
-    guest.sort(key=lambda i: (-known.get(i.nodeid, UNKNOWN_DURATION), order[id(i)]))
+    sign = 1 if shortest else -1
+    guest.sort(key=lambda i: (sign * known.get(i.nodeid, UNKNOWN_DURATION), order[id(i)]))
     rest = [i for i in items if not i.get_closest_marker("guest")]
     items[:] = rest + guest
 

@@ -53,6 +53,7 @@ def test_verdicts_from_pytest_status_and_junit(tmp_path: Path) -> None:
         "tests.guest.test_b::test_bad[debian-6.1]",
         "AssertionError: the snapshot shows a write",
     )
+    assert mutation.verdict(2, junit)[0] == "killed"  # xdist's -x: interrupted after the failure
     assert mutation.verdict(0, junit)[0] == "survived"
     assert mutation.verdict(5, tmp_path / "none.xml") == ("error", "", "no tests collected")
     assert mutation.verdict(2, tmp_path / "none.xml") == ("error", "", "pytest exit 2")

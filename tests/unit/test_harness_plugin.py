@@ -235,6 +235,10 @@ def test_guest_tests_run_longest_first_by_last_known_duration(
     names = [line.split("::")[1] for line in res.stdout.lines if line.startswith("test_o.py::")]
     # host tests first, then guests: 300 s, unknown (counts as 90 s), 5 s
     assert names == ["test_host", "test_long[debian-6.1]", "test_new[debian-6.1]", "test_short[debian-6.1]"]
+    monkeypatch.setenv("DBD_SHORTEST_FIRST", "1")  # ci/mutation: the first failure comes sooner
+    res = pytester.runpytest("--kernel", "debian-6.1", "--collect-only", "-q")
+    names = [line.split("::")[1] for line in res.stdout.lines if line.startswith("test_o.py::")]
+    assert names == ["test_host", "test_short[debian-6.1]", "test_new[debian-6.1]", "test_long[debian-6.1]"]
 
 
 def test_durations_seed_orders_a_cold_cache_and_the_cache_overrides_it(
