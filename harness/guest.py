@@ -272,9 +272,10 @@ class Guest:
         try:
             raw = st.shell.run(cmd, timeout * self.time_scale, crash_check=died)
         except GuestCrashError as e:
-            fatal = self.watcher.fatal(since)
-            if fatal and not isinstance(e, KernelCrashError):
-                raise KernelCrashError(cmd, fatal, e.console_tail) from None
+            if self.watcher.fatal(since) and not isinstance(e, KernelCrashError):
+                # every report since the command began: a "BUG: ..." line says more than its "Oops"
+                seen = [f for f in self.watcher.findings(since) if not f.expected or f.kind == "panic"]
+                raise KernelCrashError(cmd, seen, e.console_tail) from None
             raise
         return CommandResult(
             stdout=raw.stdout.decode(errors="replace"),
