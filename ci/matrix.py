@@ -155,9 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-n", "--workers", default=os.environ.get("DBD_WORKERS", "2"))
     p.add_argument("--deep-on", default=None, help="passed to pytest (default: its own, 'auto')")
     p.add_argument("--junit", type=Path, default=REPO / "artifacts" / "junit-guest.xml")
-    p.add_argument("--ko", help="a prebuilt module to test: a .ko, or a directory of <target>.ko")
-    p.add_argument("--module-src", help="a module source tree to build and test instead of kernel/")
-    p.add_argument("--module-build", help="build command for --module-src ({src} {kdir} {release} {jobs})")
+    module_under_test.add_arguments(p)
     p.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     a = p.parse_args(argv)
     try:

@@ -33,9 +33,7 @@ FINDINGS_EXIT = 3
 def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="kernel target (default: vmimages.matrix.DEFAULT_TARGET)")
     p.add_argument("--rootfs", default="bookworm")
-    p.add_argument("--ko", help="a prebuilt module to test: a .ko, or a directory of <target>.ko")
-    p.add_argument("--module-src", help="a module source tree to build and test instead of kernel/")
-    p.add_argument("--module-build", help="build command for --module-src ({src} {kdir} {release} {jobs})")
+    module_under_test.add_arguments(p)
 
 
 def _add_guest(p: argparse.ArgumentParser) -> None:

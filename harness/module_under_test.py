@@ -13,6 +13,7 @@ module; harness.images.module_path() reads it back.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 from collections.abc import Callable
@@ -55,6 +56,13 @@ class ModuleUnderTest:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = str(value)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """--ko, --module-src and --module-build for an argparse command line (CLI, ci/matrix)."""
+    p.add_argument("--ko", help="a prebuilt module to test: a .ko, or a directory of <target>.ko")
+    p.add_argument("--module-src", help="a module source tree to build and test instead of kernel/")
+    p.add_argument("--module-build", help="build command for --module-src ({src} {kdir} {release} {jobs})")
 
 
 def choose(ko: str | None, src: str | None, build: str | None) -> ModuleUnderTest:

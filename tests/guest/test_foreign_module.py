@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from ci import mutation
 from harness import module_under_test
 from harness.images import module_path
-from vmimages.cache import source_files
 
 pytestmark = [pytest.mark.guest]
 
@@ -27,16 +27,9 @@ KILLER = "tests/guest/test_module_basic.py::test_partial_last_block_of_a_partiti
 
 
 def _planted(tmp_path: Path) -> Path:
-    """kernel/ copied with the planted bug applied; the patch must still apply to today's kernel/."""
-    src = REPO / "kernel"
-    for f in source_files(src):
-        dest = tmp_path / "kernel" / f.relative_to(src)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, dest)
-    p = subprocess.run(
-        ["patch", "-p1", "-i", str(MUTANT)], cwd=tmp_path, capture_output=True, text=True, check=False
-    )
-    assert p.returncode == 0, f"{MUTANT.name} no longer applies to kernel/: {p.stdout}{p.stderr}"
+    """kernel/ copied with the planted bug applied, as ci/mutation does it."""
+    why = mutation.apply(MUTANT, tmp_path)
+    assert not why, f"{MUTANT.name} {why}"
     return tmp_path / "kernel"
 
 
